@@ -1,0 +1,1 @@
+"""Device profiles shipped with perfsim (one YAML file per device)."""

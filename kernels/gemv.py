@@ -1,0 +1,738 @@
+"""GEMV, y = W @ x, for the weight formats of a decode step: q4_0, q8_0, f16, f32.
+
+Decode reads every weight once per token and does one multiply-add per weight, so a GEMV is a
+streaming read: its roof is the memory read bandwidth (kernels/stream.py) and the whole game is
+doing the arithmetic fast enough to keep up with it. At 4.5 bits per weight, 35 GB/s of DRAM
+bandwidth delivers 62 G weights/s; 2 Zen 3 cores must unpack and multiply-add 31 G weights/s each.
+
+This file, top to bottom:
+  gemv_cost                      bytes and FLOPs; the simulator uses this same function
+  PackedQ4_0, PackedQ8_0         kernel-friendly layouts (f16/f32 weights are plain (rows, cols) arrays)
+  pack_*, random_*, unpack_to_f32, quantize_q8_0(_reference)
+  gemv_reference                 plain NumPy, float64
+  gemv                           dispatch to the Numba kernels
+  validate, main                 `python -m perfsim.kernels.gemv` prints the benchmark
+
+Layout of the quantized formats (the idea that makes them fast): rows are packed in tiles of 32 and,
+within a tile and a block of 32 columns, the bytes of the 32 rows are interleaved so that one 32-byte
+vector load holds the same 2 bytes of 16 different rows. The innermost loop then runs ACROSS rows,
+one 16-bit lane per row, with the activation broadcast: no horizontal sums, and an int16 sum per row
+and block that is scaled once per block. Row-wise dot products (llama.cpp's layout) spend their time
+in per-block horizontal reductions: measured 7 G weights/s per core for a row-wise Numba loop, against
+~20 G for the portable tile kernel here and ~30-37 G for its AVX2 variant.
+
+Two code paths for q4_0 and q8_0 share that layout:
+  portable   plain Numba loops; LLVM vectorizes them (vpmullw/vpaddw on AVX2, checked in the asm).
+  avx2       the same loops, with the inner block dot written as LLVM IR calling pmaddubsw
+             (q4_0) / pmaddwd (q8_0): 2x fewer instructions per weight. Used when the CPU Numba
+             compiles for has AVX2 (checked at run time); `gemv(..., portable=True)` forces the
+             portable path, and the tests run both.
+fp16 scales and f16 weights are converted with LLVM's target-independent `fpext half to float`
+(vcvtph2ps with F16C, a library call elsewhere): Numba itself has no float16 arithmetic.
+
+Numbers quoted in comments come from the 2-core EPYC (Zen 3, KVM) dev box.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfsim.cost import Cost
+from perfsim.kernels.jit import LazyKernel, jit, prange, set_threads
+from perfsim.quant import F16, F32, Q4_0, Q8_0, QuantFormat
+
+ROW_TILE = 32  # rows per tile: 2 x 16 int16 lanes, i.e. two 256-bit vectors per step
+BLOCK = 32  # weights per q4_0 / q8_0 block (one fp16 scale each)
+Q4_TILE_BLOCK_BYTES = ROW_TILE * BLOCK // 2  # 512 bytes of nibbles per (tile, block)
+Q8_TILE_BLOCK_BYTES = ROW_TILE * BLOCK  # 1024 int8 per (tile, block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: the single source of truth for bytes and FLOPs (pure Python, no NumPy needed)
+
+
+def gemv_cost(rows: int, cols: int, weight_format: QuantFormat) -> Cost:
+    """Bytes and FLOPs of one GEMV of a (rows, cols) matrix stored in weight_format.
+
+    weight_bytes is the stored size of the matrix, scales included: repacking into tiles does not
+    change it (rows that are not a multiple of the tile are padded in memory; that padding, at most
+    31 rows, is not counted). Block-quantized weights multiply a q8_0-quantized copy of x
+    (llama.cpp style: cols/32 blocks of 34 bytes); float weights read x as f32. y is written as f32.
+    """
+    weight_bytes = weight_format.storage_bytes(rows * cols)
+    x_bytes = Q8_0.storage_bytes(cols) if weight_format.block_size > 1 else 4 * cols
+    return Cost(flops=2 * rows * cols, weight_bytes=weight_bytes, act_bytes=x_bytes + 4 * rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed weights
+
+
+@dataclass(frozen=True)
+class PackedQ4_0:
+    """A q4_0 matrix in row tiles. Same bytes as GGUF: 16 nibble bytes + one fp16 scale per 32 weights.
+
+    qs[t, b, :] holds the 512 nibble bytes of rows 32t..32t+31, columns 32b..32b+31, ordered
+    [pair p: 8][half h: 2][row i: 16][byte c: 2] = byte 2p+c of GGUF block b of row 32t+16h+i.
+    GGUF byte m holds weight m in its low nibble and weight m+16 in its high nibble, so one 16-bit
+    lane holds 4 weights of one row: 2p, 2p+1 (low nibbles) and 2p+16, 2p+17 (high nibbles).
+    d[t, b, i] is the fp16 scale (as uint16 bits) of block b of row 32t+i.
+    Rows are padded with zero blocks up to a multiple of 32; padded rows are never written to y.
+    """
+
+    rows: int
+    cols: int
+    qs: np.ndarray  # uint8 (n_tiles, cols/32, 512)
+    d: np.ndarray  # uint16 fp16 bits (n_tiles, cols/32, 32)
+
+    format = Q4_0
+
+
+@dataclass(frozen=True)
+class PackedQ8_0:
+    """A q8_0 matrix in row tiles: 32 int8 + one fp16 scale per 32 weights, as in GGUF.
+
+    qs[t, b, :] holds [pair p: 16][half h: 2][row i: 16][byte c: 2] = weight 2p+c of block b of row
+    32t+16h+i; d as in PackedQ4_0. Rows padded to a multiple of 32 with zero blocks.
+    """
+
+    rows: int
+    cols: int
+    qs: np.ndarray  # int8 (n_tiles, cols/32, 1024)
+    d: np.ndarray  # uint16 fp16 bits (n_tiles, cols/32, 32)
+
+    format = Q8_0
+
+
+Weights = PackedQ4_0 | PackedQ8_0 | np.ndarray  # f16 / f32 weights: (rows, cols) float16 / float32
+
+
+def weight_format(weights: Weights) -> QuantFormat:
+    if isinstance(weights, (PackedQ4_0, PackedQ8_0)):
+        return weights.format
+    return {np.dtype(np.float16): F16, np.dtype(np.float32): F32}[weights.dtype]
+
+
+def weight_shape(weights: Weights) -> tuple[int, int]:
+    if isinstance(weights, (PackedQ4_0, PackedQ8_0)):
+        return weights.rows, weights.cols
+    return weights.shape
+
+
+def _n_tiles(rows: int) -> int:
+    return (rows + ROW_TILE - 1) // ROW_TILE
+
+
+def _check_cols(cols: int, what: str) -> None:
+    if cols % BLOCK:
+        raise ValueError(f"{what} needs a column count that is a multiple of {BLOCK} (one block); got {cols}")
+
+
+def _gguf_blocks(raw: np.ndarray, block_bytes: int, what: str) -> tuple[int, int, np.ndarray]:
+    """(rows, cols, blocks (rows, cols/32, block_bytes)) of raw GGUF bytes, rows of whole blocks."""
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 2:
+        raise ValueError(f"{what} expects raw GGUF bytes as uint8 (rows, bytes per row); got {raw.dtype} {raw.shape}")
+    if raw.shape[1] % block_bytes:
+        raise ValueError(
+            f"{what}: a row of {raw.shape[1]} bytes is not a whole number of {block_bytes}-byte blocks, "
+            f"so the column count is not a multiple of {BLOCK}"
+        )
+    rows, n_blocks = raw.shape[0], raw.shape[1] // block_bytes
+    return rows, n_blocks * BLOCK, raw.reshape(rows, n_blocks, block_bytes)
+
+
+def _tile_rows(a: np.ndarray) -> np.ndarray:
+    """(rows, ...) -> (n_tiles, 32, ...), zero rows appended up to a multiple of 32."""
+    pad = _n_tiles(a.shape[0]) * ROW_TILE - a.shape[0]
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    return a.reshape((-1, ROW_TILE) + a.shape[1:])
+
+
+def _tile_scales(d_rows: np.ndarray) -> np.ndarray:
+    """fp16 bits (rows, n_blocks) -> (n_tiles, n_blocks, 32)."""
+    return np.ascontiguousarray(_tile_rows(d_rows).transpose(0, 2, 1))
+
+
+def pack_q4_0(raw: np.ndarray) -> PackedQ4_0:
+    """GGUF Q4_0 bytes, uint8 (rows, cols/32*18), as GGUFReader exposes them -> PackedQ4_0."""
+    rows, cols, blocks = _gguf_blocks(raw, Q4_0.block_bytes, "pack_q4_0")
+    d = blocks[:, :, :2].copy().view(np.uint16)[:, :, 0]
+    nibbles = _tile_rows(blocks[:, :, 2:])  # (t, 32 rows, b, 16 bytes)
+    n_tiles, n_blocks = nibbles.shape[0], nibbles.shape[2]
+    qs = nibbles.reshape(n_tiles, 2, 16, n_blocks, 8, 2).transpose(0, 3, 4, 1, 2, 5)  # t b p h i c
+    return PackedQ4_0(rows, cols, np.ascontiguousarray(qs).reshape(n_tiles, n_blocks, -1), _tile_scales(d))
+
+
+def pack_q8_0(raw: np.ndarray) -> PackedQ8_0:
+    """GGUF Q8_0 bytes, uint8 (rows, cols/32*34) -> PackedQ8_0."""
+    rows, cols, blocks = _gguf_blocks(raw, Q8_0.block_bytes, "pack_q8_0")
+    d = blocks[:, :, :2].copy().view(np.uint16)[:, :, 0]
+    weights = _tile_rows(blocks[:, :, 2:].view(np.int8))  # (t, 32 rows, b, 32)
+    n_tiles, n_blocks = weights.shape[0], weights.shape[2]
+    qs = weights.reshape(n_tiles, 2, 16, n_blocks, 16, 2).transpose(0, 3, 4, 1, 2, 5)  # t b p h i c
+    return PackedQ8_0(rows, cols, np.ascontiguousarray(qs).reshape(n_tiles, n_blocks, -1), _tile_scales(d))
+
+
+def unpack_to_f32(weights: Weights) -> np.ndarray:
+    """The dequantized (rows, cols) float32 matrix (tests and references only: 4 bytes per weight)."""
+    if not isinstance(weights, (PackedQ4_0, PackedQ8_0)):
+        return np.asarray(weights, dtype=np.float32)
+    n_tiles, n_blocks = weights.qs.shape[:2]
+    d = weights.d.view(np.float16).astype(np.float32)  # (t, b, 32 rows)
+    if isinstance(weights, PackedQ4_0):
+        q = weights.qs.reshape(n_tiles, n_blocks, 8, 2, 16, 2)  # t b p h i c
+        low, high = (q & 15).astype(np.int8) - 8, (q >> 4).astype(np.int8) - 8
+        values = np.stack([low, high], axis=2)  # t b nib p h i c; weight = 16*nib + 2p + c
+        values = values.transpose(0, 4, 5, 1, 2, 3, 6).reshape(n_tiles, 32, n_blocks, 32)
+    else:
+        q = weights.qs.reshape(n_tiles, n_blocks, 16, 2, 16, 2)  # t b p h i c; weight = 2p + c
+        values = q.transpose(0, 3, 4, 1, 2, 5).reshape(n_tiles, 32, n_blocks, 32)
+    dense = values.astype(np.float32) * d.transpose(0, 2, 1)[:, :, :, None]
+    return dense.reshape(n_tiles * 32, weights.cols)[: weights.rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic random weights, generated directly in the packed layout, a few tiles at a time.
+#
+# Scales: each GEMV should keep the activation RMS about the same (gain ~1, like a Xavier init), so
+# a 32-layer random model neither blows up nor vanishes: d = 1 / (rms(q) * sqrt(cols)). q4_0 nibbles
+# are drawn from 1..15 (values -7..7, zero mean, rms 4.32); q8_0 from -127..127 (rms 73.6). Each
+# block scale is jittered by +-25% so the kernels cannot get away with ignoring scales.
+# cols=3072: q4_0 d ~ 0.0042, q8_0 d ~ 0.00025 (fp16 normals, well above fp16's 6e-5 subnormal edge).
+
+_RANDOM_TILES_PER_CHUNK = 64  # 2048 rows: ~3 MB of q4_0 at cols=3072 per numpy call
+_Q4_RANDOM_RMS = float(np.sqrt(np.mean(np.arange(-7, 8) ** 2)))
+_Q8_RANDOM_RMS = float(np.sqrt(np.mean(np.arange(-127, 128) ** 2)))
+
+
+def _random_scales(rng, shape, cols: int, rms_q: float) -> np.ndarray:
+    d = rng.uniform(0.75, 1.25, size=shape) / (rms_q * np.sqrt(cols))
+    return d.astype(np.float16).view(np.uint16)
+
+
+def _random_packed(rows: int, cols: int, seed: int, bytes_per_tile_block: int, random_bytes, rms_q: float):
+    _check_cols(cols, "a random block-quantized matrix")
+    n_tiles, n_blocks = _n_tiles(rows), cols // BLOCK
+    rng = np.random.default_rng(seed)
+    qs = np.empty((n_tiles, n_blocks, bytes_per_tile_block), np.uint8)
+    d = np.empty((n_tiles, n_blocks, ROW_TILE), np.uint16)
+    for start in range(0, n_tiles, _RANDOM_TILES_PER_CHUNK):
+        stop = min(start + _RANDOM_TILES_PER_CHUNK, n_tiles)
+        qs[start:stop] = random_bytes(rng, (stop - start, n_blocks, bytes_per_tile_block))
+        d[start:stop] = _random_scales(rng, (stop - start, n_blocks, ROW_TILE), cols, rms_q)
+    padded_rows = n_tiles * ROW_TILE - rows
+    if padded_rows:  # zero scales make the padding rows zero, as pack_* does
+        d[-1, :, ROW_TILE - padded_rows :] = 0
+    return qs, d
+
+
+def _random_nibble_bytes(rng, shape):
+    return (rng.integers(1, 16, size=shape, dtype=np.uint8) | (rng.integers(1, 16, size=shape, dtype=np.uint8) << 4)).astype(np.uint8)
+
+
+def _random_int8_bytes(rng, shape):
+    return rng.integers(-127, 128, size=shape, dtype=np.int8).view(np.uint8)
+
+
+def random_q4_0(rows: int, cols: int, seed: int = 0) -> PackedQ4_0:
+    qs, d = _random_packed(rows, cols, seed, Q4_TILE_BLOCK_BYTES, _random_nibble_bytes, _Q4_RANDOM_RMS)
+    return PackedQ4_0(rows, cols, qs, d)
+
+
+def random_q8_0(rows: int, cols: int, seed: int = 0) -> PackedQ8_0:
+    qs, d = _random_packed(rows, cols, seed, Q8_TILE_BLOCK_BYTES, _random_int8_bytes, _Q8_RANDOM_RMS)
+    return PackedQ8_0(rows, cols, qs.view(np.int8), d)
+
+
+def _random_float(rows: int, cols: int, seed: int, dtype) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = np.empty((rows, cols), dtype)
+    chunk_rows = _RANDOM_TILES_PER_CHUNK * ROW_TILE
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        w[start:stop] = rng.standard_normal((stop - start, cols), dtype=np.float32) / np.float32(np.sqrt(cols))
+    return w
+
+
+def random_f16(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """N(0, 1/cols) weights as float16 (rows, cols): RMS gain ~1 per GEMV."""
+    return _random_float(rows, cols, seed, np.float16)
+
+
+def random_f32(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    return _random_float(rows, cols, seed, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# q8_0 activation quantization, bit-exact with llama.cpp's quantize_row_q8_0_ref except that the
+# scale is kept in f32 (llama.cpp rounds it to fp16 for storage; x is transient here, the extra
+# 2 bytes per block stay in L1). fastmath is off: `amax / 127` must not become `amax * (1/127)`.
+
+
+def quantize_q8_0_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plain NumPy: q = roundf(x * (1/d)) with d = amax/127 per block of 32, ties away from zero."""
+    blocks = np.asarray(x, np.float32).reshape(-1, BLOCK)
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    scaled = blocks * inverse[:, None]
+    q = np.sign(scaled) * np.floor(np.abs(scaled).astype(np.float64) + 0.5)
+    return q.astype(np.int8).reshape(-1), d
+
+
+@jit(fastmath=False)
+def _quantize_q8_0_into(x, qs, d, block_sums):
+    """x f32[cols] -> qs int8[cols], d f32[cols/32], block_sums int32[cols/32] (sum of qs per block)."""
+    for b in range(d.size):
+        amax = np.float32(0)
+        for i in range(b * 32, b * 32 + 32):
+            amax = max(amax, abs(x[i]))
+        scale = np.float32(amax / np.float32(127))
+        inverse = np.float32(1) / scale if scale != 0 else np.float32(0)
+        total = 0
+        for i in range(b * 32, b * 32 + 32):
+            scaled = np.float32(x[i] * inverse)
+            # roundf: ties away from zero; float64 makes |scaled| + 0.5 exact
+            q = int(np.floor(abs(np.float64(scaled)) + 0.5))
+            q = -q if scaled < 0 else q
+            qs[i] = q
+            total += q
+        d[b] = scale
+        block_sums[b] = total
+
+
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x f32[cols] (cols a multiple of 32) -> (qs int8[cols], d f32[cols/32]); x ~= qs * repeat(d, 32)."""
+    qs, d, _ = _quantize_activation(x)
+    return qs, d
+
+
+def _quantize_activation(x: np.ndarray):
+    _check_cols(x.size, "q8_0 quantization")
+    qs = np.empty(x.size, np.int8)
+    d = np.empty(x.size // BLOCK, np.float32)
+    block_sums = np.empty(x.size // BLOCK, np.int32)
+    _quantize_q8_0_into(np.ascontiguousarray(x, dtype=np.float32), qs, d, block_sums)
+    return qs, d, block_sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def gemv_reference(weights: Weights, x: np.ndarray) -> np.ndarray:
+    """y = W @ x in float64 from the dequantized weights; for q4_0/q8_0, x goes through the same q8_0
+    quantization the kernels apply. The kernels agree with it to
+        |y - y_ref| <= 1e-5 * (|W| @ |x'|) + 1e-30   (x' the quantized x),
+    the float32 rounding of the per-block sums, whatever the order they are added in.
+    """
+    x = np.asarray(x, np.float32)
+    if isinstance(weights, (PackedQ4_0, PackedQ8_0)):
+        qs, d = quantize_q8_0_reference(x)
+        x = qs.astype(np.float64) * np.repeat(d.astype(np.float64), BLOCK)
+    return unpack_to_f32(weights).astype(np.float64) @ x.astype(np.float64)
+
+
+def gemv_tolerance(weights: Weights, x: np.ndarray) -> np.ndarray:
+    """The per-row bound stated in gemv_reference."""
+    x = np.asarray(x, np.float32)
+    if isinstance(weights, (PackedQ4_0, PackedQ8_0)):
+        qs, d = quantize_q8_0_reference(x)
+        x = qs.astype(np.float64) * np.repeat(d.astype(np.float64), BLOCK)
+    return 1e-5 * (np.abs(unpack_to_f32(weights)).astype(np.float64) @ np.abs(x.astype(np.float64))) + 1e-30
+
+
+# ---------------------------------------------------------------------------------------------
+# LLVM-level helpers, built on first use so importing this module does not import Numba.
+
+
+class _LazyIntrinsic(LazyKernel):
+    """A Numba @intrinsic made by `build()` when a kernel that calls it is first compiled."""
+
+    def __init__(self, build):
+        super().__init__(build, {})
+
+    def compile(self):
+        if self._dispatcher is None:
+            self._dispatcher = self.py_func()
+        return self._dispatcher
+
+
+def _build_f16_to_f32():
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f16_to_f32(typingctx, bits):
+        """fp16 bits (uint16) -> float32, exact (NaN/inf too): LLVM's target-independent fpext."""
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    return f16_to_f32
+
+
+_f16_to_f32 = _LazyIntrinsic(_build_f16_to_f32)
+
+
+def _vector_pointer(context, builder, array_type, array, element_offset, vector_type):
+    """Pointer to a vector of vector_type at array[element_offset] (unaligned loads/stores)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [element_offset]), vector_type.as_pointer())
+
+
+def _build_q4_block_sums_avx2():
+    """The int16 sums, per row, of nibble * xq over one (tile, block): 32 rows x 32 weights.
+
+    Per 16 rows and pair p: one 32-byte load, low nibbles `and 0x0f`, high nibbles `psrlw 4 + and`,
+    then pmaddubsw (unsigned nibble x signed int8, adjacent products added) against the broadcast
+    activation pairs (x[2p], x[2p+1]) and (x[2p+16], x[2p+17]). The sums use the unsigned nibble n
+    (0..15), not n-8: they wrap in int16, and the caller subtracts 8*sum(xq) mod 2**16, which gives the
+    exact sum of (n-8)*xq because that fits int16 (|.| <= 32*8*127 = 32512). pmaddubsw cannot
+    saturate: 2*15*127 = 3810. 8 instructions per 64 weights vs ~16 for the portable int16 loop.
+    """
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    i8x32, i16x16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
+    i64 = ir.IntType(64)
+
+    @intrinsic
+    def q4_block_sums_avx2(typingctx, qs, q_start, xq, x_start, sums):
+        def codegen(context, builder, signature, args):
+            qs_value, q_start_value, xq_value, x_start_value, sums_value = args
+            qs_type, _, xq_type, _, sums_type = signature.args
+            pmaddubsw = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(i16x16, [i8x32, i8x32]))
+            low_mask, four = ir.Constant(i8x32, [0x0F] * 32), ir.Constant(i8x32, [4] * 32)
+
+            def broadcast_pair(x_offset):  # the int8 pair xq[x_offset], xq[x_offset+1] in all 16 lanes
+                ptr = _vector_pointer(context, builder, xq_type, xq_value, builder.add(x_start_value, ir.Constant(i64, x_offset)), ir.IntType(16))
+                pair = builder.load(ptr, align=1)
+                splat = builder.insert_element(ir.Constant(i16x16, None), pair, ir.Constant(ir.IntType(32), 0))
+                splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+                return builder.bitcast(splat, i8x32)
+
+            sums = [ir.Constant(i16x16, [0] * 16), ir.Constant(i16x16, [0] * 16)]
+            for p in range(8):
+                x_low, x_high = broadcast_pair(2 * p), broadcast_pair(2 * p + 16)
+                for half in range(2):
+                    offset = builder.add(q_start_value, ir.Constant(i64, 64 * p + 32 * half))
+                    nibbles = builder.load(_vector_pointer(context, builder, qs_type, qs_value, offset, i8x32), align=1)
+                    low = builder.and_(nibbles, low_mask)
+                    high = builder.lshr(nibbles, four)
+                    sums[half] = builder.add(sums[half], builder.call(pmaddubsw, [low, x_low]))
+                    sums[half] = builder.add(sums[half], builder.call(pmaddubsw, [high, x_high]))
+            for half in range(2):
+                ptr = _vector_pointer(context, builder, sums_type, sums_value, ir.Constant(i64, 16 * half), i16x16)
+                builder.store(sums[half], ptr, align=1)
+            return context.get_dummy_value()
+
+        return types.void(qs, q_start, xq, x_start, sums), codegen
+
+    return q4_block_sums_avx2
+
+
+_q4_block_sums_avx2 = _LazyIntrinsic(_build_q4_block_sums_avx2)
+
+
+def _build_q8_block_sums_avx2():
+    """The int32 sums, per row, of w * xq over one (tile, block) of q8_0: 32 rows x 32 weights.
+
+    Per 8 rows and pair p: vpmovsxbw of 16 bytes (8 rows x 2 int8 weights) to int16, then pmaddwd
+    against the broadcast int16 pair (x[2p], x[2p+1]) gives each row's 2-term sum in an int32 lane.
+    """
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    i8x16, i16x16 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(16), 16)
+    i32x8, i64 = ir.VectorType(ir.IntType(32), 8), ir.IntType(64)
+
+    @intrinsic
+    def q8_block_sums_avx2(typingctx, qs, q_start, xq, x_start, sums):
+        def codegen(context, builder, signature, args):
+            qs_value, q_start_value, xq_value, x_start_value, sums_value = args
+            qs_type, _, xq_type, _, sums_type = signature.args
+            pmaddwd = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(i32x8, [i16x16, i16x16]))
+            sums = [ir.Constant(i32x8, [0] * 8) for _ in range(4)]
+            for p in range(16):
+                ptr = _vector_pointer(context, builder, xq_type, xq_value, builder.add(x_start_value, ir.Constant(i64, 2 * p)), ir.VectorType(ir.IntType(8), 2))
+                pair = builder.sext(builder.load(ptr, align=1), ir.VectorType(ir.IntType(16), 2))
+                pair32 = builder.bitcast(pair, ir.IntType(32))
+                splat = builder.insert_element(ir.Constant(i32x8, None), pair32, ir.Constant(ir.IntType(32), 0))
+                splat = builder.shuffle_vector(splat, splat, ir.Constant(i32x8, [0] * 8))
+                x_pair = builder.bitcast(splat, i16x16)
+                for quarter in range(4):
+                    offset = builder.add(q_start_value, ir.Constant(i64, 64 * p + 16 * quarter))
+                    weights = builder.load(_vector_pointer(context, builder, qs_type, qs_value, offset, i8x16), align=1)
+                    sums[quarter] = builder.add(sums[quarter], builder.call(pmaddwd, [builder.sext(weights, i16x16), x_pair]))
+            for quarter in range(4):
+                ptr = _vector_pointer(context, builder, sums_type, sums_value, ir.Constant(i64, 8 * quarter), i32x8)
+                builder.store(sums[quarter], ptr, align=1)
+            return context.get_dummy_value()
+
+        return types.void(qs, q_start, xq, x_start, sums), codegen
+
+    return q8_block_sums_avx2
+
+
+_q8_block_sums_avx2 = _LazyIntrinsic(_build_q8_block_sums_avx2)
+
+
+@functools.cache
+def avx2_available() -> bool:
+    """True if the CPU Numba compiles for (the host, unless NUMBA_CPU_NAME says otherwise) has AVX2."""
+    from numba.core import config
+
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return "+avx2" in (config.CPU_FEATURES or "")
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("avx2", False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Each parallel loop runs over row tiles; a thread owns 32 rows of y.
+
+
+@jit()
+def _add_scaled_block(acc, sums, d, d_start, x_scale):
+    """acc[i] += sums[i] * d[i] * x_scale for the 32 rows of a tile and one block."""
+    for i in range(32):
+        acc[i] += np.float32(sums[i]) * (_f16_to_f32(d[d_start + i]) * x_scale)
+
+
+@jit()
+def _add_scaled_q4_block(acc, sums, x_sum, d, d_start, x_scale):
+    """As _add_scaled_block for the int16 sums of unsigned nibbles: subtracting 8*sum(xq) modulo
+    2**16 recovers the exact sum of (nibble-8)*xq, which fits int16."""
+    offset = np.int16(8 * x_sum)
+    for i in range(32):
+        acc[i] += np.float32(np.int16(sums[i] - offset)) * (_f16_to_f32(d[d_start + i]) * x_scale)
+
+
+@jit()
+def _store_tile(out, tile, acc):
+    for i in range(min(32, out.size - tile * 32)):
+        out[tile * 32 + i] = acc[i]
+
+
+@jit(parallel=True)
+def _gemv_q4_0_portable(qs16, d, xq, x_scale, x_sums, out, n_blocks):
+    """qs16: the PackedQ4_0 bytes viewed as uint16, flat: lane (t, b, p, i) = row 32t+i, pair p."""
+    for t in prange((out.size + 31) // 32):
+        acc = np.zeros(32, np.float32)
+        sums = np.empty(32, np.int16)
+        for b in range(n_blocks):
+            base, x0 = (t * n_blocks + b) * 256, b * 32
+            for i in range(32):
+                sums[i] = 0
+            for p in range(8):
+                x_a, x_b = np.int16(xq[x0 + 2 * p]), np.int16(xq[x0 + 2 * p + 1])
+                x_c, x_d = np.int16(xq[x0 + 2 * p + 16]), np.int16(xq[x0 + 2 * p + 17])
+                for i in range(32):
+                    lane = qs16[base + 32 * p + i]
+                    sums[i] += np.int16(
+                        (lane & 15) * x_a + ((lane >> 8) & 15) * x_b + ((lane >> 4) & 15) * x_c + (lane >> 12) * x_d
+                    )
+            _add_scaled_q4_block(acc, sums, x_sums[b], d, (t * n_blocks + b) * 32, x_scale[b])
+        _store_tile(out, t, acc)
+
+
+@jit(parallel=True)
+def _gemv_q4_0_avx2(qs, d, xq, x_scale, x_sums, out, n_blocks):
+    for t in prange((out.size + 31) // 32):
+        acc = np.zeros(32, np.float32)
+        sums = np.empty(32, np.int16)
+        for b in range(n_blocks):
+            _q4_block_sums_avx2(qs, (t * n_blocks + b) * 512, xq, b * 32, sums)
+            _add_scaled_q4_block(acc, sums, x_sums[b], d, (t * n_blocks + b) * 32, x_scale[b])
+        _store_tile(out, t, acc)
+
+
+@jit(parallel=True)
+def _gemv_q8_0_portable(qs16, d, xq, x_scale, out, n_blocks):
+    """qs16: the PackedQ8_0 int8 pairs viewed as int16, flat: lane (t, b, p, i) = row 32t+i, pair p."""
+    for t in prange((out.size + 31) // 32):
+        acc = np.zeros(32, np.float32)
+        sums = np.empty(32, np.int32)
+        for b in range(n_blocks):
+            base, x0 = (t * n_blocks + b) * 512, b * 32
+            for i in range(32):
+                sums[i] = 0
+            for p in range(16):
+                x_a, x_b = np.int16(xq[x0 + 2 * p]), np.int16(xq[x0 + 2 * p + 1])
+                for i in range(32):
+                    lane = qs16[base + 32 * p + i]
+                    # |w*x| <= 127*127, so a 2-term sum fits int16: one widening per pair
+                    pair_sum = np.int16(np.int16(lane << 8) >> 8) * x_a + np.int16(lane >> 8) * x_b
+                    sums[i] += np.int32(np.int16(pair_sum))
+            _add_scaled_block(acc, sums, d, (t * n_blocks + b) * 32, x_scale[b])
+        _store_tile(out, t, acc)
+
+
+@jit(parallel=True)
+def _gemv_q8_0_avx2(qs, d, xq, x_scale, out, n_blocks):
+    for t in prange((out.size + 31) // 32):
+        acc = np.zeros(32, np.float32)
+        sums = np.empty(32, np.int32)
+        for b in range(n_blocks):
+            _q8_block_sums_avx2(qs, (t * n_blocks + b) * 1024, xq, b * 32, sums)
+            _add_scaled_block(acc, sums, d, (t * n_blocks + b) * 32, x_scale[b])
+        _store_tile(out, t, acc)
+
+
+@jit(parallel=True)
+def _gemv_f32(w, x, out):
+    """Row-wise dot products: f32 weights are 4 bytes each, so the FMA rate is never the limit."""
+    for r in prange(w.shape[0]):
+        total = np.float32(0)
+        for c in range(w.shape[1]):
+            total += w[r, c] * x[c]
+        out[r] = total
+
+
+@jit(parallel=True)
+def _gemv_f16(w_bits, x, out):
+    """w_bits: the float16 weights viewed as uint16. vcvtph2ps + vfmadd per 8 weights."""
+    for r in prange(w_bits.shape[0]):
+        total = np.float32(0)
+        for c in range(w_bits.shape[1]):
+            total += _f16_to_f32(w_bits[r, c]) * x[c]
+        out[r] = total
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def gemv(weights: Weights, x: np.ndarray, out: np.ndarray, portable: bool = False) -> np.ndarray:
+    """out[:] = weights @ x (float32). q4_0/q8_0 weights multiply a q8_0-quantized x (llama.cpp
+    style: integer dot products per block); `portable=True` skips the AVX2 path. Returns out."""
+    rows, cols = weight_shape(weights)
+    if x.shape != (cols,) or x.dtype != np.float32:
+        raise ValueError(f"gemv: x must be float32 of shape ({cols},); got {x.dtype} {x.shape}")
+    if out.shape != (rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"gemv: out must be contiguous float32 of shape ({rows},); got {out.dtype} {out.shape}")
+    if isinstance(weights, (PackedQ4_0, PackedQ8_0)):
+        _gemv_quantized(weights, x, out, portable or not avx2_available())
+    elif weights.dtype == np.float16:
+        _gemv_f16(weights.view(np.uint16), np.ascontiguousarray(x), out)
+    elif weights.dtype == np.float32:
+        _gemv_f32(weights, np.ascontiguousarray(x), out)
+    else:
+        raise ValueError(f"gemv: unsupported weights {type(weights).__name__} {getattr(weights, 'dtype', '')}")
+    return out
+
+
+def _gemv_quantized(weights, x, out, portable: bool) -> None:
+    xq, x_scale, x_sums = _quantize_activation(x)
+    qs, d = weights.qs.reshape(-1), weights.d.reshape(-1)
+    n_blocks = weights.cols // BLOCK
+    if isinstance(weights, PackedQ4_0):
+        if portable:
+            _gemv_q4_0_portable(qs.view(np.uint16), d, xq, x_scale, x_sums, out, n_blocks)
+        else:
+            _gemv_q4_0_avx2(qs, d, xq, x_scale, x_sums, out, n_blocks)
+    elif portable:
+        _gemv_q8_0_portable(qs.view(np.int16), d, xq, x_scale, out, n_blocks)
+    else:
+        _gemv_q8_0_avx2(qs, d, xq, x_scale, out, n_blocks)
+
+
+def validate(rows: int = 100, cols: int = 256, seed: int = 0) -> None:
+    """Every format and path against gemv_reference, within the bound stated there."""
+    x = np.random.default_rng(seed).standard_normal(cols).astype(np.float32)
+    for make in (random_q4_0, random_q8_0, random_f16, random_f32):
+        weights = make(rows, cols, seed)
+        expected, bound = gemv_reference(weights, x), gemv_tolerance(weights, x)
+        for portable in (False, True):
+            y = gemv(weights, x, np.empty(rows, np.float32), portable=portable)
+            worst = np.max(np.abs(y - expected) / bound)
+            assert worst <= 1, f"{make.__name__} portable={portable}: error {worst:.2f}x the bound"
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: `python -m perfsim.kernels.gemv [q4_0 q8_0 f16 f32]`
+#
+# Napkin math, 2-core Zen 3 at ~3.1 GHz, DRAM read ~30 GB/s on one core, ~35 GB/s on two:
+#   q4_0  4.5 bits/weight: 35 GB/s = 62 G weights/s, i.e. 31 G/s per core = 10 weights per cycle.
+#         The portable int16 loop issues ~16 vector instructions per 64 weights (4 per 16 weights:
+#         extract, multiply, add, plus loads/broadcasts) -> ~4 weights/instruction, so it needs ~2.5
+#         vector instructions per cycle sustained just to keep up; pmaddubsw halves that.
+#   q8_0  8.5 bits/weight: 35 GB/s = 33 G weights/s, 16.5 G/s per core.
+#   f16   2 bytes/weight: 17.5 G weights/s; f32: 8.75 G weights/s. One FMA per 8 weights is far
+#         below the FMA rate, so both are pure streaming reads.
+# Phi-3 Mini decode reads ~2.15 GB of q4_0 weights per token: at 35 GB/s, 16 tokens/s at best.
+#
+# Each call must stream from DRAM like a decode step does (the whole model cycles through memory),
+# so the benchmark rotates through distinct copies of the matrix, >= 96 MiB in all (3x the L3).
+
+PHI3_MINI_SHAPES = ((9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192), (32064, 3072))  # qkv, o, gate_up, down, lm_head
+_RANDOM = {"q4_0": random_q4_0, "q8_0": random_q8_0, "f16": random_f16, "f32": random_f32}
+_EVICT_BYTES = 96 * 2**20
+
+
+def benchmark_gemv_s(copies: list, x: np.ndarray, n_threads: int, repeats: int = 15, portable: bool = False) -> float:
+    """Median seconds of one gemv() call (quantizing x included), each call on the next copy."""
+    set_threads(n_threads)
+    out = np.empty(weight_shape(copies[0])[0], np.float32)
+    gemv(copies[0], x, out, portable)  # compile or load from cache
+    seconds = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        gemv(copies[i % len(copies)], x, out, portable)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+def _copies(format_name: str, rows: int, cols: int) -> list:
+    n_bytes = gemv_cost(rows, cols, _FORMATS_BY_NAME[format_name]).weight_bytes
+    return [_RANDOM[format_name](rows, cols, seed) for seed in range(max(2, -(-_EVICT_BYTES // n_bytes)))]
+
+
+_FORMATS_BY_NAME = {"q4_0": Q4_0, "q8_0": Q8_0, "f16": F16, "f32": F32}
+
+
+def main(format_names=("q4_0", "q8_0", "f16", "f32"), thread_counts=(1, 2)) -> None:
+    from perfsim.kernels.stream import read_bandwidth_gb_s, stream_buffer
+
+    validate()
+    buffer = stream_buffer()
+    stream_gb_s = {n: read_bandwidth_gb_s(n, data=buffer) for n in thread_counts}
+    del buffer
+    for n in thread_counts:
+        print(f"stream read {n} thread(s): {stream_gb_s[n]:.1f} GB/s")
+    print(f"avx2 path available: {avx2_available()}")
+    print(f"{'format':<14}{'rows x cols':>14}{'threads':>8}{'time us':>10}{'GB/s':>8}{'G w/s':>8}{'of stream':>11}")
+    for name in format_names:
+        paths = (False, True) if name in ("q4_0", "q8_0") else (False,)
+        for rows, cols in PHI3_MINI_SHAPES:
+            copies = _copies(name, rows, cols)
+            x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+            weight_bytes = gemv_cost(rows, cols, _FORMATS_BY_NAME[name]).weight_bytes
+            for portable in paths:
+                label = name + (" portable" if portable else (" avx2" if name in ("q4_0", "q8_0") and avx2_available() else ""))
+                for n in thread_counts:
+                    seconds = benchmark_gemv_s(copies, x, n, portable=portable)
+                    gb_s = weight_bytes / seconds / 1e9
+                    print(
+                        f"{label:<14}{f'{rows}x{cols}':>14}{n:>8}{seconds * 1e6:>10.0f}{gb_s:>8.1f}"
+                        f"{rows * cols / seconds / 1e9:>8.1f}{gb_s / stream_gb_s[n]:>10.0%}"
+                    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(tuple(sys.argv[1:]) or ("q4_0", "q8_0", "f16", "f32"))

@@ -1,0 +1,67 @@
+"""All Numba plumbing for perfsim's kernels lives here (numbagg-style).
+
+Kernel modules decorate plain typed loops with `jit(...)`. Nothing is compiled, and Numba is not
+even imported, until a kernel is first called: the prediction path imports kernel modules for their
+byte/FLOP formulas and must answer in milliseconds (importing Numba alone costs ~0.4 s here).
+
+Kernels write `for i in prange(n)`; `prange` below is the builtin `range` until compile time, when it
+is swapped for `numba.prange` in the kernel module's globals, so the same source runs as the
+NumPy-free Python reference of its own loop structure and as a parallel Numba kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+prange = range
+
+_NUMBA_OPTIONS = dict(nogil=True, cache=True, error_model="numpy")
+
+
+class LazyKernel:
+    """A function compiled by Numba on first call; calls after that go straight to the dispatcher."""
+
+    def __init__(self, py_func, options):
+        self.py_func = py_func
+        self.options = options
+        self._dispatcher = None
+        functools.update_wrapper(self, py_func)
+
+    def compile(self):
+        if self._dispatcher is None:
+            import numba
+
+            module_globals = self.py_func.__globals__
+            if module_globals.get("prange") is range:
+                module_globals["prange"] = numba.prange
+            # Numba types global callees at compile time: materialize lazy ones it will call.
+            for name in self.py_func.__code__.co_names:
+                callee = module_globals.get(name)
+                if isinstance(callee, LazyKernel):
+                    module_globals[name] = callee.compile()
+            self._dispatcher = numba.njit(**self.options)(self.py_func)
+        return self._dispatcher
+
+    def __call__(self, *args):
+        return (self._dispatcher or self.compile())(*args)
+
+
+def jit(parallel: bool = False, fastmath: bool = True):
+    """Decorator: a lazily compiled Numba kernel (cache=True, so a second process does not recompile)."""
+
+    def wrap(py_func):
+        return LazyKernel(py_func, dict(_NUMBA_OPTIONS, parallel=parallel, fastmath=fastmath))
+
+    return wrap
+
+
+def set_threads(n_threads: int) -> None:
+    import numba
+
+    numba.set_num_threads(n_threads)
+
+
+def max_threads() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS

@@ -1,0 +1,84 @@
+"""Streaming read bandwidth: the roof every decode kernel is measured against.
+
+A decode step reads every weight once, so the achievable rate of a long sequential read is the number
+a GEMV's achieved GB/s is divided by. The kernel sums a large int64 array (integer adds are
+associative, so LLVM vectorizes the sum without fastmath: 4 independent ymm accumulators, `vpaddq`)
+split into one contiguous chunk per thread. The array is sized far beyond the 32 MiB L3, so every
+repeat streams from DRAM.
+
+Measured on the 2-core EPYC (Zen 3, KVM) dev box, 512 MiB, median of 7: about 30 GB/s on one thread
+and 35 GB/s on two (see `python -m perfsim.kernels.gemv` for the same-run figures).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from perfsim.cost import Cost
+from perfsim.kernels.jit import jit, prange, set_threads
+
+DEFAULT_N_BYTES = 512 * 2**20  # 16x the L3: the cache holds at most 6% of the array between repeats
+_CHUNK_ELEMENTS = 1 << 16  # 512 KiB of int64 per parallel task: fits L2, big enough to hide the task cost
+
+
+def stream_read_cost(n_bytes: int) -> Cost:
+    """One pass over n_bytes: all of it read once, one add per 8-byte element."""
+    return Cost(flops=n_bytes // 8, act_bytes=n_bytes)
+
+
+def sum_reference(data: np.ndarray) -> int:
+    """Plain NumPy: the wrapped int64 sum the kernel must return."""
+    return int(data.sum(dtype=np.int64))
+
+
+@jit(parallel=True)
+def sum_int64(data):
+    """Sum of an int64 array (wrapping), in chunks of _CHUNK_ELEMENTS spread over the threads."""
+    n_chunks = (data.size + _CHUNK_ELEMENTS - 1) // _CHUNK_ELEMENTS
+    partial = np.zeros(n_chunks, dtype=np.int64)
+    for chunk in prange(n_chunks):
+        start = chunk * _CHUNK_ELEMENTS
+        stop = min(start + _CHUNK_ELEMENTS, data.size)
+        total = np.int64(0)
+        for i in range(start, stop):
+            total += data[i]
+        partial[chunk] = total
+    return partial.sum()
+
+
+def stream_buffer(n_bytes: int = DEFAULT_N_BYTES) -> np.ndarray:
+    """An int64 array of n_bytes (rounded down to 8), every page touched so the timing sees no faults."""
+    return np.arange(n_bytes // 8, dtype=np.int64)
+
+
+def read_bandwidth_gb_s(n_threads: int, n_bytes: int = DEFAULT_N_BYTES, repeats: int = 7, data=None) -> float:
+    """Median read bandwidth in GB/s (1e9 bytes/s) of `repeats` passes over n_bytes with n_threads threads.
+
+    Pass `data` (from stream_buffer) to reuse one buffer across thread counts.
+    """
+    if data is None:
+        data = stream_buffer(n_bytes)
+    set_threads(n_threads)
+    sum_int64(data)  # compile (or load from cache) and warm the page tables
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sum_int64(data)
+        seconds.append(time.perf_counter() - start)
+    return data.nbytes / float(np.median(seconds)) / 1e9
+
+
+def validate() -> None:
+    data = np.random.default_rng(0).integers(-(2**62), 2**62, size=3 * _CHUNK_ELEMENTS + 17, dtype=np.int64)
+    assert sum_int64(data) == sum_reference(data)
+
+
+if __name__ == "__main__":
+    from perfsim.kernels.jit import max_threads
+
+    validate()
+    buffer = stream_buffer()
+    for threads in range(1, max_threads() + 1):
+        print(f"stream read, {threads} thread(s): {read_bandwidth_gb_s(threads, data=buffer):.1f} GB/s")

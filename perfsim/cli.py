@@ -1,0 +1,152 @@
+"""The `perfsim` command: thin commands that call one library function each and format the result.
+
+argparse (stdlib) rather than click: it imports in ~5 ms, and the prediction path must answer
+instantly. Every user error is one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from perfsim.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we want one line
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def _add_model_options(p):
+    p.add_argument("--model", default="phi-3-mini", help="preset name (see 'perfsim models') or a Hugging Face config.json path")
+    p.add_argument("--weights", "--quant", dest="weights", default="q4_0", help="weight format: f32, f16, q8_0, q4_0, int4_gN (default q4_0)")
+    p.add_argument("--activations", default="f32", help="activation format (default f32)")
+    p.add_argument("--kv-cache", default="f16", help="KV cache format: f32, f16, q8_0 (default f16)")
+    p.add_argument("--context", type=_positive_int, default=256, help="tokens the decoded token attends to, itself included (default 256)")
+
+
+def _device_args(p):
+    p.add_argument("--device", help="device profile name (see 'perfsim devices')")
+    p.add_argument("--device-file", metavar="PATH", help="a device profile YAML outside the package")
+    p.add_argument("--unit", help="compute unit of the device (default: the profile's default_unit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="perfsim", description="Hardware-aware performance simulator and profiler for small language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("profile", help="predict decode speed of a model on a device")
+    _device_args(p)
+    _add_model_options(p)
+    p.add_argument("--prompt", type=_positive_int, default=128, help="prompt tokens for time to first token (default 128)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores of a CPU unit)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("devices", help="list device profiles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("models", help="list model presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("bench", help="run a benchmark and print its figures")
+    p.add_argument("suite", help="prediction")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _formats(args):
+    from perfsim.quant import Formats, quant_format
+
+    kv = quant_format(args.kv_cache)
+    if kv.name not in ("f32", "f16", "q8_0"):
+        raise UserError(f"--kv-cache must be f32, f16 or q8_0, got {args.kv_cache!r}")
+    return Formats(weights=quant_format(args.weights), activations=quant_format(args.activations), kv_cache=kv)
+
+
+def _device(args):
+    from perfsim.device import get_device, load_device_file
+
+    if args.device_file and args.device:
+        raise UserError("give --device NAME or --device-file PATH, not both")
+    if args.device_file:
+        return load_device_file(args.device_file)
+    if not args.device:
+        raise UserError("missing --device NAME (see 'perfsim devices') or --device-file PATH")
+    return get_device(args.device)
+
+
+def cmd_profile(args) -> int:
+    from perfsim.model import resolve_model
+    from perfsim.report import format_profile, profile_record
+    from perfsim.roofline import predict
+
+    prediction = predict(resolve_model(args.model), _formats(args), _device(args), args.context, args.prompt, args.unit, args.threads)
+    print(json.dumps(profile_record(prediction), indent=2) if args.json else format_profile(prediction))
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from perfsim.device import builtin_devices
+    from perfsim.report import table
+
+    devices = builtin_devices().values()
+    if args.json:
+        print(json.dumps([{"name": d.name, "display_name": d.display_name, "kind": d.kind, "peak_bandwidth_gb_s": d.peak_bandwidth_gb_s,
+                           "memory_capacity_gb": d.memory_capacity_gb, "units": list(d.units), "default_unit": d.default_unit} for d in devices], indent=2))
+        return 0
+    rows = [[d.name, d.display_name, d.kind, f"{d.peak_bandwidth_gb_s:g}", f"{d.memory_capacity_gb:g}",
+             ", ".join(f"{u}*" if u == d.default_unit else u for u in d.units), len(d.references)] for d in devices]
+    print(table(["name", "device", "kind", "peak GB/s", "memory GB", "units (* default)", "references"], rows, "lllrrlr"))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from perfsim.model import preset_models
+    from perfsim.report import table
+
+    models = preset_models().values()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) | {"n_parameters": m.n_parameters} for m in models], indent=2))
+        return 0
+    rows = [[m.name, f"{m.n_parameters / 1e9:.2f}B", m.n_layers, m.hidden_size, f"{m.n_heads}/{m.n_kv_heads}", m.head_dim,
+             m.intermediate_size, m.vocab_size, m.max_context] for m in models]
+    print(table(["name", "params", "layers", "hidden", "heads/kv", "head_dim", "ffn", "vocab", "context"], rows))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from perfsim.bench import SUITES
+
+    if args.suite not in SUITES:
+        raise UserError(f"unknown benchmark {args.suite!r}; expected one of: {', '.join(SUITES)}")
+    SUITES[args.suite]()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"perfsim: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("perfsim: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

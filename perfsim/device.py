@@ -1,0 +1,211 @@
+"""Device profiles: YAML data validated once into frozen dataclasses.
+
+A profile keeps vendor peaks apart from the fractions of them that are achievable, names its compute
+units (a phone has a CPU, a GPU and an NPU with different peaks) and a default one, cites a source
+for every number (`sources:` maps a field path, or a prefix of it, to a citation; the loader rejects
+an uncited number), and may list published measurements (`references:`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from perfsim.errors import UserError
+from perfsim.schema import Fields, load_yaml
+
+MATH_PRECISIONS = ("f32", "f16", "int8")
+# When a unit lists no peak for a precision, the op runs at the first listed one in its row: a CPU
+# without f16 arithmetic converts to f32; int8 dot products fall back to f16 on a GPU without them; an
+# NPU with only f16 runs f32 work in f16.
+_PRECISION_FALLBACK = {"int8": ("int8", "f16", "f32"), "f16": ("f16", "f32", "int8"), "f32": ("f32", "f16", "int8")}
+UNIT_TYPES = ("cpu", "gpu", "npu")
+DEVICE_KINDS = ("phone", "laptop", "desktop", "server", "host")
+RELATIONS = {"=": "", ">": "more than ", "<": "less than ", "~": "about "}
+
+
+# eq=False: profiles compare and hash by identity, so predictions can be cached per unit.
+@dataclass(frozen=True, eq=False)
+class ComputeUnit:
+    name: str
+    type: str  # cpu | gpu | npu
+    peak_tflops: dict  # vendor peak by math precision ("f32", "f16", "int8"), dense
+    compute_efficiency: float  # achievable fraction of peak_tflops
+    bandwidth_efficiency: float  # achievable fraction of the device's peak memory bandwidth, all cores
+    overhead_us_per_op: float  # fixed cost of dispatching one op (kernel launch, thread fork/join)
+    cores: int = 0  # CPU only: cores the unit can use; threads are counted against these
+    single_thread_bandwidth_gb_s: float = 0.0  # CPU only: what one core streams by itself
+    bandwidth_gb_s_by_threads: dict = field(default_factory=dict)  # measured read bandwidth, if any
+
+    def peak_flops(self, precision: str) -> float:
+        listed = next(p for p in _PRECISION_FALLBACK[precision] if p in self.peak_tflops)  # the loader ensures one
+        return self.peak_tflops[listed] * 1e12
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published decode measurement, shown beside the prediction."""
+
+    model: str
+    weights: str  # closest perfsim weight format (the publication's own words go in `note`)
+    decode_tokens_per_s: float
+    relation: str  # "=", ">" (at least), "<" (at most) or "~" (about), as the source states it
+    source: str
+    unit: str = ""  # the compute unit it ran on, when the source says
+    note: str = ""
+
+    @property
+    def claim(self) -> str:
+        return f"{RELATIONS[self.relation]}{self.decode_tokens_per_s:g} tokens/s"
+
+
+@dataclass(frozen=True, eq=False)
+class Device:
+    name: str
+    display_name: str
+    kind: str
+    memory_capacity_gb: float
+    usable_memory_gb: float  # what one process may hold (a phone OS caps apps well below capacity)
+    peak_bandwidth_gb_s: float
+    units: dict  # name -> ComputeUnit
+    default_unit: str
+    references: tuple = ()
+    sources: dict = field(default_factory=dict)
+    notes: str = ""
+    path: str = ""
+
+    def unit(self, name: str | None = None) -> ComputeUnit:
+        name = name or self.default_unit
+        if name not in self.units:
+            raise UserError(f"device {self.name!r} has no unit {name!r}; its units: {', '.join(self.units)}")
+        return self.units[name]
+
+
+def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
+    unit_type = f.text("type", choices=UNIT_TYPES)
+    peaks = f.mapping("peak_tflops")
+    peak_tflops = {p: peaks.number(p, exclusive_minimum=0, required=False) for p in MATH_PRECISIONS}
+    peaks.done()
+    peak_tflops = {p: v for p, v in peak_tflops.items() if v is not None}
+    if not peak_tflops:
+        peaks.fail("", f"expected at least one of {', '.join(MATH_PRECISIONS)}")
+    is_cpu = unit_type == "cpu"
+    by_threads_fields = f.mapping("bandwidth_gb_s_by_threads", required=False)
+    by_threads = {}
+    if by_threads_fields is not None:
+        for key in list(by_threads_fields.data):
+            if not isinstance(key, int) or key < 1:
+                by_threads_fields.fail(str(key), "expected a thread count (a whole number >= 1) as the key")
+            by_threads[key] = by_threads_fields.number(key, exclusive_minimum=0)
+        by_threads_fields.done()
+    unit = ComputeUnit(
+        name=name,
+        type=unit_type,
+        peak_tflops=peak_tflops,
+        compute_efficiency=f.number("compute_efficiency", exclusive_minimum=0, maximum=1),
+        bandwidth_efficiency=f.number("bandwidth_efficiency", exclusive_minimum=0, maximum=1),
+        overhead_us_per_op=f.number("overhead_us_per_op", minimum=0),
+        cores=f.integer("cores", minimum=1, required=is_cpu, default=0),
+        single_thread_bandwidth_gb_s=f.number("single_thread_bandwidth_gb_s", exclusive_minimum=0, required=is_cpu and not by_threads, default=0.0),
+        bandwidth_gb_s_by_threads=by_threads,
+    )
+    f.done()
+    return unit
+
+
+def _reference_from_fields(f: Fields) -> Reference:
+    from perfsim.quant import quant_format  # a reference's format must be one perfsim can model
+
+    ref = Reference(
+        model=f.text("model"),
+        weights=f.text("weights"),
+        decode_tokens_per_s=f.number("decode_tokens_per_s", exclusive_minimum=0),
+        relation=f.text("relation", choices=tuple(RELATIONS)),
+        source=f.text("source"),
+        unit=f.text("unit", required=False, default=""),
+        note=f.text("note", required=False, default=""),
+    )
+    f.done()
+    try:
+        quant_format(ref.weights)
+    except UserError as e:
+        f.fail("weights", str(e))
+    return ref
+
+
+def _numeric_paths(data, prefix=""):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _numeric_paths(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        yield prefix
+
+
+def _check_sources(top: Fields, data: dict, sources: dict):
+    """Every number in the profile (outside references, which carry their own source) is cited."""
+    cited = set(sources)
+    for path in _numeric_paths({k: v for k, v in data.items() if k not in ("references", "sources")}):
+        parts = path.split(".")
+        if not any(".".join(parts[:i]) in cited for i in range(1, len(parts) + 1)):
+            top.fail("sources", f"no source for {path}; every number needs an entry (its path or a prefix) under sources:")
+
+
+def device_from_data(data, where: str) -> Device:
+    top = Fields(data, where)
+    name = top.text("name")
+    memory = top.mapping("memory")
+    capacity_gb = memory.number("capacity_gb", exclusive_minimum=0)
+    usable_gb = memory.number("usable_gb", exclusive_minimum=0, maximum=capacity_gb, required=False, default=capacity_gb)
+    bandwidth = memory.number("peak_bandwidth_gb_s", exclusive_minimum=0)
+    memory.done()
+    units_fields = top.mapping("units")
+    units = {unit_name: _unit_from_fields(unit_name, units_fields.mapping(unit_name)) for unit_name in list(units_fields.data)}
+    units_fields.done()
+    if not units:
+        units_fields.fail("", "expected at least one compute unit")
+    default_unit = top.text("default_unit", choices=tuple(units))
+    source_fields = top.mapping("sources")
+    sources = {key: source_fields.text(key) for key in list(source_fields.data)}
+    source_fields.done()
+    references = []
+    for i, item in enumerate(top.items("references", required=False)):
+        references.append(_reference_from_fields(Fields(item, where, f"references[{i}]")))
+    device = Device(
+        name=name,
+        display_name=top.text("display_name"),
+        kind=top.text("kind", choices=DEVICE_KINDS),
+        memory_capacity_gb=capacity_gb,
+        usable_memory_gb=usable_gb,
+        peak_bandwidth_gb_s=bandwidth,
+        units=units,
+        default_unit=default_unit,
+        references=tuple(references),
+        sources=sources,
+        notes=top.text("notes", required=False, default=""),
+        path=where,
+    )
+    top.done()
+    _check_sources(top, data, sources)
+    return device
+
+
+def load_device_file(path: str | Path) -> Device:
+    return device_from_data(load_yaml(Path(path)), str(path))
+
+
+def _packaged_profiles() -> dict[str, Path]:
+    folder = resources.files("perfsim.devices")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+@cache
+def builtin_devices() -> dict[str, Device]:
+    return {name: load_device_file(path) for name, path in sorted(_packaged_profiles().items())}
+
+
+def get_device(name: str) -> Device:
+    devices = builtin_devices()
+    if name not in devices:
+        raise UserError(f"unknown device {name!r}; known devices: {', '.join(devices)} (or --device-file PATH)")
+    return devices[name]

@@ -1,0 +1,133 @@
+"""Turning predictions into plain data (for --json, the dashboard and the gate) and into text tables."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from perfsim.roofline import Prediction
+
+GB = 1e9
+
+
+def op_record(t) -> dict:
+    op = t.op
+    return {
+        "name": op.name,
+        "kind": op.kind,
+        "count": op.count,
+        "flops": op.flops,
+        "bytes": op.bytes,
+        "weight_bytes": op.cost.weight_bytes * op.count,
+        "kv_bytes": op.cost.kv_bytes * op.count,
+        "act_bytes": op.cost.act_bytes * op.count,
+        "time_s": t.time_s,
+        "bound": t.bound,
+    }
+
+
+def prediction_record(p: Prediction) -> dict:
+    return {
+        "decode_tokens_per_s": p.decode_tokens_per_s,
+        "ms_per_token": p.ms_per_token,
+        "ttft_ms": p.ttft_ms,
+        "weight_bytes_per_token": p.weight_bytes_per_token,
+        "memory_bytes": p.memory.total_bytes,
+        "memory": {
+            "weight_bytes": p.memory.weight_bytes,
+            "kv_cache_bytes": p.memory.kv_cache_bytes,
+            "activation_bytes": p.memory.activation_bytes,
+            "capacity_bytes": p.memory_capacity_bytes,
+            "fits": p.fits_in_memory,
+        },
+        "ops": [op_record(t) for t in p.ops],
+    }
+
+
+def reference_records(p: Prediction) -> list[dict]:
+    rows = []
+    for ref in p.device.references:
+        if ref.model != p.model.name:
+            continue
+        rows.append({
+            "model": ref.model,
+            "weights": ref.weights,
+            "decode_tokens_per_s": ref.decode_tokens_per_s,
+            "relation": ref.relation,
+            "claim": ref.claim,
+            "source": ref.source,
+            "note": ref.note,
+            "predicted_minus_reference_pct": 100 * (p.decode_tokens_per_s - ref.decode_tokens_per_s) / ref.decode_tokens_per_s,
+        })
+    return rows
+
+
+def profile_record(p: Prediction) -> dict:
+    return {
+        "device": p.device.name,
+        "unit": p.unit.name,
+        "threads": p.threads,
+        "model": p.model.name,
+        "quant": {"weights": p.formats.weights.name, "activations": p.formats.activations.name, "kv_cache": p.formats.kv_cache.name},
+        "context": p.context,
+        "prompt_tokens": p.prompt_tokens,
+        "predicted": prediction_record(p),
+        "references": reference_records(p),
+    }
+
+
+def group_by_kind(op_times) -> list[dict]:
+    """Op groups in first-seen order: total time, and the bound that holds for most of that time."""
+    time_s, bytes_, flops, bound_time = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(lambda: defaultdict(float))
+    for t in op_times:
+        time_s[t.op.kind] += t.time_s
+        bytes_[t.op.kind] += t.op.bytes
+        flops[t.op.kind] += t.op.flops
+        bound_time[t.op.kind][t.bound] += t.time_s
+    total = sum(time_s.values())
+    return [
+        {"kind": k, "time_s": time_s[k], "share": time_s[k] / total, "bytes": bytes_[k], "flops": flops[k], "bound": max(bound_time[k], key=bound_time[k].get)}
+        for k in time_s
+    ]
+
+
+def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A plain text table; `align` has one 'l' or 'r' per column (numbers right by default)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+    def fmt(row):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip()
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
+
+
+def format_profile(p: Prediction) -> str:
+    f = p.formats
+    unit = f"{p.unit.name} unit" + (f", {p.threads} threads" if p.threads else "")
+    m = p.memory
+    fits = "fits" if p.fits_in_memory else "DOES NOT FIT"
+    lines = [
+        f"{p.model.name} on {p.device.display_name} ({unit})",
+        f"weights {f.weights.name}, activations {f.activations.name}, KV cache {f.kv_cache.name}; context {p.context} tokens, prompt {p.prompt_tokens} tokens",
+        "",
+        f"predicted decode      {p.decode_tokens_per_s:8.2f} tokens/s   ({p.ms_per_token:.2f} ms/token)",
+        f"time to first token   {p.ttft_ms:8.1f} ms         (prefill of {p.prompt_tokens} tokens)",
+        f"weights read / token  {p.weight_bytes_per_token / GB:8.3f} GB",
+        f"memory footprint      {m.total_bytes / GB:8.3f} GB of {p.memory_capacity_bytes / GB:.2f} GB usable: {fits}"
+        f"  (weights {m.weight_bytes / GB:.3f} + KV cache {m.kv_cache_bytes / GB:.3f} + activations {m.activation_bytes / GB:.3f})",
+        "",
+    ]
+    groups = group_by_kind(p.ops)
+    rows = [[g["kind"], f"{1e3 * g['time_s']:.3f}", f"{100 * g['share']:.1f}%", f"{g['bytes'] / 1e6:.1f}", f"{g['flops'] / 1e9:.2f}", g["bound"]] for g in groups]
+    lines.append(table(["op group", "ms/token", "share", "MB/token", "GFLOP/token", "bound"], rows, "lrrrrl"))
+    refs = reference_records(p)
+    if refs:
+        lines += ["", "published measurements for this device and model:"]
+        for r in refs:
+            lines.append(f"  {r['model']} {r['weights']}: {r['claim']}; predicted {p.decode_tokens_per_s:.2f} tokens/s, "
+                         f"{r['predicted_minus_reference_pct']:+.1f}% vs {r['decode_tokens_per_s']:g}")
+            lines.append(f"    source: {r['source']}")
+            if r["note"]:
+                lines.append(f"    note: {r['note']}")
+        if p.device.notes:
+            lines.append(f"  why they differ: {p.device.notes.strip()}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The roofline: pure functions from (ops, device unit, threads) to predicted times.
+
+Per op: time = max(FLOPs / achievable compute, bytes / achievable bandwidth) + the unit's fixed cost
+per op; the op is memory-, compute- or overhead-bound by whichever term is largest. On a CPU, compute
+scales with threads but bandwidth saturates: one core streams `single_thread_bandwidth_gb_s`, all of
+them together at most `bandwidth_efficiency` x the memory peak (or a measured table, for the host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import NamedTuple
+
+from perfsim.device import MATH_PRECISIONS, ComputeUnit, Device
+from perfsim.errors import UserError
+from perfsim.model import ModelSpec
+from perfsim.quant import Formats
+from perfsim.workload import MemoryFootprint, Op, decode_ops, memory_footprint, prefill_ops
+
+MEMORY, COMPUTE, OVERHEAD = "memory", "compute", "overhead"
+BYTES_PER_GB = 1e9  # bandwidths and capacities are decimal GB throughout, as vendors state bandwidth
+
+
+@dataclass(frozen=True)
+class Roofs:
+    """What one compute unit achieves at a thread count."""
+
+    bandwidth_bytes_per_s: float
+    flops_per_s: tuple  # achievable, ((precision, FLOP/s), ...) for f32, f16, int8
+    overhead_s_per_op: float
+
+    def flops(self, precision: str) -> float:
+        return dict(self.flops_per_s)[precision]
+
+
+def resolve_threads(unit: ComputeUnit, threads: int | None) -> int:
+    if unit.type != "cpu":
+        if threads is not None:
+            raise UserError(f"--threads applies to CPU units; unit {unit.name!r} is a {unit.type}")
+        return 0
+    if threads is None:
+        return max(unit.bandwidth_gb_s_by_threads, default=unit.cores) if unit.bandwidth_gb_s_by_threads else unit.cores
+    if not 1 <= threads <= unit.cores:
+        raise UserError(f"--threads must be between 1 and {unit.cores} (the unit's cores), got {threads}")
+    return threads
+
+
+def cpu_bandwidth_gb_s(device: Device, unit: ComputeUnit, threads: int) -> float:
+    table = unit.bandwidth_gb_s_by_threads
+    if table:
+        measured = [t for t in table if t <= threads]
+        return table[max(measured)] if measured else table[min(table)] * threads / min(table)
+    return min(threads * unit.single_thread_bandwidth_gb_s, device.peak_bandwidth_gb_s * unit.bandwidth_efficiency)
+
+
+@lru_cache(maxsize=256)
+def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
+    if unit.type == "cpu":
+        bandwidth_gb_s = cpu_bandwidth_gb_s(device, unit, threads)
+        share = threads / unit.cores
+    else:
+        bandwidth_gb_s = device.peak_bandwidth_gb_s * unit.bandwidth_efficiency
+        share = 1.0
+    flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
+    return Roofs(bandwidth_gb_s * BYTES_PER_GB, flops, unit.overhead_us_per_op * 1e-6)
+
+
+class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of them a second
+    op: Op
+    compute_s: float
+    memory_s: float
+    overhead_s: float
+    time_s: float  # all `count` executions
+    bound: str  # memory | compute | overhead
+
+
+def decode_time_s(ops: tuple, roofs: Roofs) -> float:
+    """Sum of the op times of `op_times`, without building them (a sweep needs only the total)."""
+    flops_per_s = dict(roofs.flops_per_s)
+    bandwidth, overhead_per_op = roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op
+    total_s = 0.0
+    for op in ops:
+        compute_s = op.flops / flops_per_s[op.precision]
+        memory_s = op.bytes / bandwidth
+        total_s += (compute_s if compute_s > memory_s else memory_s) + overhead_per_op * op.count
+    return total_s
+
+
+def op_times(ops: tuple, roofs: Roofs) -> tuple:
+    flops_per_s = dict(roofs.flops_per_s)
+    bandwidth, overhead_per_op = roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op
+    times = []
+    for op in ops:
+        compute_s = op.flops / flops_per_s[op.precision]
+        memory_s = op.bytes / bandwidth
+        overhead_s = overhead_per_op * op.count
+        if overhead_s > compute_s and overhead_s > memory_s:
+            bound = OVERHEAD
+        else:
+            bound = COMPUTE if compute_s > memory_s else MEMORY
+        times.append(OpTime(op, compute_s, memory_s, overhead_s, (compute_s if compute_s > memory_s else memory_s) + overhead_s, bound))
+    return tuple(times)
+
+
+@lru_cache(maxsize=1024)
+def prefill_s(model: ModelSpec, formats: Formats, prompt_tokens: int, roofs: Roofs) -> float:
+    return sum(t.time_s for t in op_times(prefill_ops(model, formats, prompt_tokens), roofs))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    device: Device
+    unit: ComputeUnit
+    threads: int  # 0 for GPU and NPU units
+    model: ModelSpec
+    formats: Formats
+    context: int
+    prompt_tokens: int
+    roofs: Roofs
+    decode_ops: tuple  # the workload's ops of one decode step
+    decode_s: float  # predicted time of one decode step
+    prefill_s: float
+    memory: MemoryFootprint
+
+    @cached_property
+    def ops(self) -> tuple:
+        """OpTime per decode op, in execution order (built on first use)."""
+        return op_times(self.decode_ops, self.roofs)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / self.decode_s
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s
+
+    @property
+    def ttft_ms(self) -> float:
+        return 1e3 * self.prefill_s
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        return sum(op.weight_bytes for op in self.decode_ops)
+
+    @property
+    def memory_capacity_bytes(self) -> int:
+        return int(self.device.usable_memory_gb * BYTES_PER_GB)
+
+    @property
+    def fits_in_memory(self) -> bool:
+        return self.memory.total_bytes <= self.memory_capacity_bytes
+
+
+def predict(
+    model: ModelSpec,
+    formats: Formats,
+    device: Device,
+    context: int,
+    prompt_tokens: int = 128,
+    unit_name: str | None = None,
+    threads: int | None = None,
+) -> Prediction:
+    unit = device.unit(unit_name)
+    threads = resolve_threads(unit, threads)
+    roofs = unit_roofs(device, unit, threads)
+    ops = decode_ops(model, formats, context)
+    return Prediction(device, unit, threads, model, formats, context, prompt_tokens, roofs, ops, decode_time_s(ops, roofs),
+                      prefill_s(model, formats, prompt_tokens, roofs), memory_footprint(model, formats, context, prompt_tokens))

@@ -1,0 +1,173 @@
+"""The workload: a pure function from (model, formats, context) to the operations of one decode step.
+
+Every layer runs the same ops, so an op carries `count` (how many times one token runs it: n_layers
+for layer ops, 1 for the head) instead of being repeated 32 times; that keeps a prediction to ~16 op
+evaluations. The byte/FLOP formulas are the kernels' own (perfsim.kernels.*): the engine times
+exactly these op names, so predicted and measured compare op by op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from perfsim.cost import Cost
+from perfsim.errors import UserError
+from perfsim.kernels.attention import attention_cost, kv_append_cost
+from perfsim.kernels.elementwise import argmax_cost, residual_add_cost, rmsnorm_cost, rope_cost, silu_mul_cost
+from perfsim.kernels.gemv import gemv_cost
+from perfsim.model import ModelSpec
+from perfsim.quant import F32, Formats, QuantFormat
+
+# Op kinds, in the groups a report shows.
+GEMV, ATTENTION, KV_APPEND, NORM, ROPE, ACTIVATION, RESIDUAL, EMBEDDING, SAMPLING = (
+    "gemv", "attention", "kv_append", "norm", "rope", "activation", "residual", "embedding", "sampling",
+)
+OTHER_KINDS = (KV_APPEND, NORM, ROPE, ACTIVATION, RESIDUAL, EMBEDDING, SAMPLING)
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # what the engine times it as: "attn_qkv", "attention", "lm_head", ...
+    kind: str  # gemv | attention | kv_append | norm | rope | activation | residual | embedding | sampling
+    cost: Cost  # of ONE execution
+    precision: str  # math precision of its FLOPs: "int8" (integer dot products), "f16" or "f32"
+    count: int = 1  # executions per token (n_layers for layer ops)
+    # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
+    flops: float = field(init=False)
+    bytes: int = field(init=False)
+    weight_bytes: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "flops", self.cost.flops * self.count)
+        object.__setattr__(self, "bytes", self.cost.bytes * self.count)
+        object.__setattr__(self, "weight_bytes", self.cost.weight_bytes * self.count)
+
+
+def math_precision(weights: QuantFormat) -> str:
+    """Block-quantized integer weights are multiplied as int8 (llama.cpp: q4_0 x q8_0 dot products)."""
+    if weights.name in ("f32", "f16"):
+        return weights.name
+    return "int8"
+
+
+def embedding_cost(hidden_size: int, weights: QuantFormat) -> Cost:
+    """One row of token_embd, dequantized into the f32 residual stream (done by the engine)."""
+    return Cost(flops=hidden_size, weight_bytes=weights.storage_bytes(hidden_size), act_bytes=4 * hidden_size)
+
+
+def check_context(model: ModelSpec, context: int, what: str = "context") -> None:
+    if context < 1:
+        raise UserError(f"{what} must be at least 1 token, got {context}")
+    if context > model.max_context:
+        raise UserError(f"{what} of {context} tokens is longer than {model.name}'s limit of {model.max_context} tokens")
+
+
+@lru_cache(maxsize=4096)
+def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ...]:
+    """The ops of decoding one token whose attention spans `context` positions (itself included: it
+    sits at position context - 1 and the KV cache holds `context` entries after its append), in
+    execution order."""
+    check_context(model, context)
+    w, L, d = formats.weights, model.n_layers, model.hidden_size
+    gemv_precision = math_precision(w)
+    matrices = model.layer_matrices()
+
+    def layer_gemv(name):
+        rows, cols = matrices[name]
+        return Op(name, GEMV, gemv_cost(rows, cols, w), gemv_precision, L)
+
+    norm = Op("attn_norm", NORM, rmsnorm_cost(d), "f32", L)
+    return (
+        Op("token_embd", EMBEDDING, embedding_cost(d, w), "f32"),
+        norm,
+        layer_gemv("attn_qkv"),
+        Op("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), "f32", L),
+        Op("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), "f32", L),
+        Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache), "f32", L),
+        layer_gemv("attn_output"),
+        Op("attn_residual", RESIDUAL, residual_add_cost(d), "f32", L),
+        Op("ffn_norm", NORM, rmsnorm_cost(d), "f32", L),
+        layer_gemv("ffn_gate_up"),
+        Op("ffn_act", ACTIVATION, silu_mul_cost(model.intermediate_size), "f32", L),
+        layer_gemv("ffn_down"),
+        Op("ffn_residual", RESIDUAL, residual_add_cost(d), "f32", L),
+        Op("output_norm", NORM, rmsnorm_cost(d), "f32"),
+        Op("lm_head", GEMV, gemv_cost(model.vocab_size, d, w), gemv_precision),
+        Op("argmax", SAMPLING, argmax_cost(model.vocab_size), "f32"),
+    )
+
+
+def gemm_cost(rows: int, cols: int, n_tokens: int, weights: QuantFormat) -> Cost:
+    """Prefill's matrix-matrix product: weights read once for all n_tokens (blocked), activations
+    streamed in f32. No perfsim kernel runs prefill; this formula is the simulator's alone."""
+    return Cost(
+        flops=2 * rows * cols * n_tokens,
+        weight_bytes=weights.storage_bytes(rows * cols),
+        act_bytes=4 * n_tokens * (rows + cols),
+    )
+
+
+def causal_attention_cost(model: ModelSpec, n_tokens: int, kv_format: QuantFormat) -> Cost:
+    """Prefill attention over a prompt of n_tokens: query i sees positions 0..i; K and V are written
+    once and read once per query tile (flash-attention style, the tile reuse in cache)."""
+    pairs = n_tokens * (n_tokens + 1) // 2
+    kv_elements = 2 * model.kv_dim * n_tokens
+    return Cost(
+        flops=4 * model.n_heads * model.head_dim * pairs,
+        kv_bytes=2 * kv_format.storage_bytes(kv_elements),
+        act_bytes=2 * 4 * model.q_dim * n_tokens,
+    )
+
+
+@lru_cache(maxsize=1024)
+def prefill_ops(model: ModelSpec, formats: Formats, n_tokens: int) -> tuple[Op, ...]:
+    """The ops of processing a prompt of n_tokens at once (matrix-matrix), up to the first token's logits."""
+    check_context(model, n_tokens, "prompt")
+    w, L, d, n = formats.weights, model.n_layers, model.hidden_size, n_tokens
+    precision = math_precision(w)
+    ops = [Op(name, GEMV, gemm_cost(rows, cols, n, w), precision, L) for name, (rows, cols) in model.layer_matrices().items()]
+    ops += [
+        Op("attention", ATTENTION, causal_attention_cost(model, n, formats.kv_cache), "f16" if formats.kv_cache.name != "f32" else "f32", L),
+        Op("norms_rope_act", NORM, (rmsnorm_cost(d) * 2 + rope_cost(model.n_heads + model.n_kv_heads, model.head_dim) + silu_mul_cost(model.intermediate_size) + residual_add_cost(d) * 2) * n, "f32", L),
+        Op("lm_head", GEMV, gemv_cost(model.vocab_size, d, w), precision),  # the last position's logits only
+    ]
+    return tuple(ops)
+
+
+@dataclass(frozen=True)
+class MemoryFootprint:
+    weight_bytes: int  # every tensor, in its stored format
+    kv_cache_bytes: int  # K and V for all layers at the context length
+    activation_bytes: int  # working buffers of one decode step (or of the prompt, for prefill)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+
+def kv_cache_bytes(model: ModelSpec, kv_format: QuantFormat, n_positions: int) -> int:
+    """K and V, every layer: 2 x layers x kv_heads x head_dim x bytes per element, per position."""
+    return n_positions * model.n_layers * 2 * kv_format.storage_bytes(model.kv_dim)
+
+
+def weight_bytes(model: ModelSpec, weights: QuantFormat) -> int:
+    matrices = model.n_layers * weights.storage_bytes(model.layer_matrix_weights)
+    embeddings = weights.storage_bytes(model.embedding_weights) * (1 if model.tied_embeddings else 2)
+    norms = F32.storage_bytes((2 * model.n_layers + 1) * model.hidden_size)
+    return matrices + embeddings + norms
+
+
+@lru_cache(maxsize=4096)
+def memory_footprint(model: ModelSpec, formats: Formats, context: int, prompt_tokens: int = 1) -> MemoryFootprint:
+    """Resident bytes to decode at `context`: weights, the KV cache sized for it, and f32 buffers
+    (residual stream and scratch, qkv, gate_up, logits, attention scores; for the prompt, its rows)."""
+    rows = max(prompt_tokens, 1)
+    per_row = 4 * (3 * model.hidden_size + model.qkv_rows + 3 * model.intermediate_size)
+    scores = 4 * model.n_heads * context
+    logits = 4 * model.vocab_size
+    return MemoryFootprint(
+        weight_bytes=weight_bytes(model, formats.weights),
+        kv_cache_bytes=kv_cache_bytes(model, formats.kv_cache, max(context, prompt_tokens)),
+        activation_bytes=rows * per_row + scores + logits,
+    )
