@@ -6,8 +6,7 @@ vectors are 3072 to 32064 floats (12 to 128 KB), all in L1/L2, so each call cost
 and the kernels are serial: waking a second thread costs more than the work.
 
 Also here, because the attention softmax needs it too: `exp_f32`, an exp that LLVM can vectorize
-(there is no SVML in this Numba, so math.exp stays a scalar libm call per element), and
-`streaming_read_gb_s`, the streaming-read roof the benchmarks divide by.
+(there is no SVML in this Numba, so math.exp stays a scalar libm call per element).
 
 Run `python -m perfsim.kernels.elementwise` to validate and time them.
 """
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfsim.cost import Cost
-from perfsim.kernels.jit import jit, prange
+from perfsim.kernels.jit import jit
 
 F32_BYTES = 4
 
@@ -233,44 +232,6 @@ def argmax(logits):
 def argmax_cost(n: int) -> Cost:
     """One compare per logit counted as a FLOP; the second pass re-reads from L1/L2, not counted."""
     return Cost(flops=n, act_bytes=n * F32_BYTES)
-
-
-# --- streaming-read roof, for the benchmarks ------------------------------------------------------------
-
-
-@jit(parallel=True)
-def stream_sum(a):
-    """Sum of a f32[n]: a read-only stream, the best case any memory-bound kernel can reach."""
-    n_chunks = 64
-    chunk = a.size // n_chunks
-    partial = np.zeros(n_chunks, np.float32)
-    for c in prange(n_chunks):
-        part = a[c * chunk : (c + 1) * chunk]  # a view: indices below are provably >= 0, so no wraparound code
-        s = np.float32(0.0)
-        for i in range(chunk):
-            s += part[i]
-        partial[c] = s
-    total = np.float32(0.0)
-    for i in range(a.size - n_chunks * chunk):
-        total += a[n_chunks * chunk + i]
-    return partial.sum() + total
-
-
-def streaming_read_gb_s(n_threads: int, n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Median read bandwidth of stream_sum over a 1 GiB array with n_threads threads, GB/s (1e9)."""
-    import time
-
-    from perfsim.kernels.jit import set_threads
-
-    a = np.ones(n_bytes // F32_BYTES, np.float32)
-    set_threads(n_threads)
-    stream_sum(a)
-    times_s = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        stream_sum(a)
-        times_s.append(time.perf_counter() - start)
-    return a.nbytes / float(np.median(times_s)) / 1e9
 
 
 # --- validate and benchmark -----------------------------------------------------------------------------

@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("run", help="measure real decode on this host with perfsim's Numba kernels")
+    p.add_argument("--device", default="host", help="only 'host' can be measured")
+    p.add_argument("--gguf", metavar="PATH", help="Phi-3 GGUF file (Q4_0, Q8_0, F16, F32); default: deterministic random weights")
+    p.add_argument("--model", help="model preset for random weights (default phi-3-mini)")
+    p.add_argument("--weights", "--quant", dest="weights", help="weight format for random weights: q4_0 (default), q8_0, f16, f32")
+    p.add_argument("--kv-cache", default="f16", help="KV cache format: f16 (default), q8_0, f32")
+    p.add_argument("--context", type=_positive_int, default=256, help="context of the last measured token (default 256)")
+    p.add_argument("--tokens", type=_positive_int, default=16, help="tokens decoded and timed (default 16)")
+    p.add_argument("--threads", type=_positive_int, help="Numba threads (default: all cores)")
+    p.add_argument("--seed", type=_positive_int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("devices", help="list device profiles")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
@@ -94,6 +107,22 @@ def cmd_profile(args) -> int:
     prediction = predict(resolve_model(args.model), _formats(args), _device(args), args.context, args.prompt, args.unit, args.threads)
     print(json.dumps(profile_record(prediction), indent=2) if args.json else format_profile(prediction))
     return 0
+
+
+def cmd_run(args) -> int:
+    from perfsim.report import format_measurement, run_record
+    from perfsim.run import run_host
+
+    if args.device != "host":
+        raise UserError(f"only the host can be measured, got --device {args.device!r}; 'perfsim profile --device {args.device}' predicts it")
+    measurement = run_host(args.gguf, args.model, args.weights, args.kv_cache, args.context, args.tokens, args.threads, args.seed,
+                           progress=None if args.json else _progress)
+    print(json.dumps(run_record(measurement), indent=2) if args.json else format_measurement(measurement))
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def cmd_devices(args) -> int:

@@ -21,8 +21,12 @@ resident set at about (repacked weights + one tensor) instead of (repacked weigh
 
 Writing (`write_phi3_gguf`, `write_random_phi3_gguf`) streams tensor by tensor through GGUFWriter's
 streaming API (tensor infos first, then write_tensor_data one tensor at a time), so a full Phi-3 Mini
-file (2.2 GB in q4_0) is generated holding one tensor at a time. The files carry the metadata and a
-synthetic SentencePiece ("llama") vocabulary that llama.cpp needs to load them.
+file (2.15 GB in q4_0) is generated holding one tensor at a time (peak RSS about 150 MB). The files
+carry the metadata and a synthetic SentencePiece ("llama") vocabulary that llama.cpp needs to load
+them (with_tokenizer=False writes no vocabulary: perfsim reads such a file, llama.cpp refuses it).
+Checked against llama.cpp (llama-cpp-python 0.3.36): it loads these files and its logits match a
+numpy Phi-3 forward pass over the tensors as documented here (qkv rows = [q; k; v], ffn_up rows =
+[gate; up], RoPE NeoX-style over n_rot dims) to within its own rounding; see tests/test_gguf_io.py.
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ def data_shape(type_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if block == 1:
         return tuple(shape)
     if shape[-1] % block:
-        raise ValueError(f"{type_name} needs rows that are a multiple of {block}; got {shape[-1]}")
+        raise ValueError(f"{type_name} needs a row length (cols) that is a multiple of {block}; got {shape[-1]}")
     return (*shape[:-1], shape[-1] // block * block_bytes)
 
 
@@ -449,21 +453,29 @@ def _dontneed(file_map: np.memmap, offset: int, nbytes: int) -> int:
 
 # --------------------------------------------------------------------------------------------- write
 
-# Synthetic SentencePiece vocabulary, laid out like Llama/Phi-3's: <unk> <s> </s>, 256 byte tokens.
-_UNK, _BOS, _EOS = 0, 1, 2
-_N_SPECIAL = 3 + 256
+# Synthetic SentencePiece vocabulary, laid out like Llama/Phi-3's: <unk> <s> </s>, the 256 byte tokens,
+# then Phi-3's two control tokens <|endoftext|> (eos) and <|end|> (end of turn). llama.cpp needs the
+# byte tokens (<0x0A> is its newline token) and, for a model whose general.name contains "phi3", the
+# <|endoftext|> token (it sets attributes on it by name and fails when it is missing).
+_UNK, _BOS = 0, 1
+_SPECIAL = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["<|endoftext|>", "<|end|>"]
+_EOS = _SPECIAL.index("<|endoftext|>")
+_N_SPECIAL = len(_SPECIAL)  # 261
 
 
 def synthetic_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     """tokens, scores, token types for a llama-style (SPM) vocab of exactly n_vocab entries:
-    <unk>, <s>, </s>, the byte tokens <0x00>..<0xFF>, then filler pieces '▁t259', '▁t260', ..."""
+    <unk>, <s>, </s>, the byte tokens <0x00>..<0xFF>, <|endoftext|>, <|end|>, then filler pieces
+    '▁t261', '▁t262', ... (distinct, decreasing scores)."""
     if n_vocab < _N_SPECIAL:
-        raise ValueError(f"a llama-style vocab needs at least {_N_SPECIAL} tokens (3 special + 256 bytes), got {n_vocab}")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"\u2581t{i}" for i in range(_N_SPECIAL, n_vocab)]
+        raise ValueError(
+            f"a llama-style vocab needs at least {_N_SPECIAL} tokens (5 special + 256 bytes), got {n_vocab}"
+        )
+    tokens = _SPECIAL + [f"\u2581t{i}" for i in range(_N_SPECIAL, n_vocab)]
     scores = [0.0] * _N_SPECIAL + [-float(i - _N_SPECIAL) for i in range(_N_SPECIAL, n_vocab)]
     types = [int(TokenType.UNKNOWN), int(TokenType.CONTROL), int(TokenType.CONTROL)]
-    types += [int(TokenType.BYTE)] * 256 + [int(TokenType.NORMAL)] * (n_vocab - _N_SPECIAL)
+    types += [int(TokenType.BYTE)] * 256 + [int(TokenType.CONTROL)] * 2
+    types += [int(TokenType.NORMAL)] * (n_vocab - _N_SPECIAL)
     return tokens, scores, types
 
 
@@ -535,6 +547,7 @@ def _stream_write(
         w.add_uint32("tokenizer.ggml.unknown_token_id", _UNK)
         w.add_uint32("tokenizer.ggml.bos_token_id", _BOS)
         w.add_uint32("tokenizer.ggml.eos_token_id", _EOS)
+        w.add_uint32("tokenizer.ggml.padding_token_id", _EOS)
         w.add_bool("tokenizer.ggml.add_bos_token", True)
         w.add_bool("tokenizer.ggml.add_eos_token", False)
     for tname, shape in shapes.items():

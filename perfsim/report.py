@@ -131,3 +131,44 @@ def format_profile(p: Prediction) -> str:
         if p.device.notes:
             lines.append(f"  why they differ: {p.device.notes.strip()}")
     return "\n".join(lines)
+
+
+def run_record(m) -> dict:
+    from perfsim import __version__
+    from perfsim.measure import measurement_record
+
+    f = m.formats
+    return {
+        "perfsim_version": __version__,
+        "device": "host",
+        "model": m.model.name,
+        "quant": {"weights": f.weights.name, "activations": f.activations.name, "kv_cache": f.kv_cache.name},
+        "context": m.contexts[-1],
+        "measured": measurement_record(m),
+    }
+
+
+def format_measurement(m) -> str:
+    from perfsim.measure import measurement_record
+
+    record = measurement_record(m)
+    f = m.formats
+    lines = [
+        f"{m.model.name} measured on this host ({m.threads} threads), weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
+        f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}",
+        "",
+        f"measured decode       {m.decode_tokens_per_s:8.2f} tokens/s   ({m.ms_per_token:.2f} ms/token, median of {len(m.step_seconds)} steps)",
+        f"load + repack          {m.load_s:8.2f} s",
+        f"JIT warm-up            {m.warmup_s:8.2f} s           (first step minus a steady one)",
+        f"peak resident memory  {m.peak_rss_bytes / GB:8.3f} GB",
+        "",
+    ]
+    totals, order = defaultdict(float), []
+    for op in record["ops"]:
+        if op["kind"] not in totals:
+            order.append(op["kind"])
+        totals[op["kind"]] += op["time_s"]
+    total = sum(totals.values())
+    rows = [[k, f"{1e3 * totals[k]:.3f}", f"{100 * totals[k] / total:.1f}%"] for k in order]
+    lines.append(table(["op group", "ms/token", "share"], rows, "lrr"))
+    return "\n".join(lines)

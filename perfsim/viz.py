@@ -149,13 +149,13 @@ _POINT_HOVER = (
 )
 
 
-def _points_trace(points: list[dict], name: str, color: str, symbol=None) -> go.Scatter:
+def _points_trace(points: list[dict], name: str, color: str, symbol: str) -> go.Scatter:
     return go.Scatter(
         x=[pt["intensity_flops_per_byte"] for pt in points],
         y=[pt["achieved_flops_per_s"] for pt in points],
         mode="markers", name=name,
         marker={"color": color, "size": 10, "line": {"width": 1, "color": "white"},
-                "symbol": symbol or [BOUND_SYMBOL.get(pt["bound"], "circle") for pt in points]},
+                "symbol": symbol},
         customdata=[[pt["op"], pt["kind"], pt["count"], pt["flops"], pt["bytes"], 1e3 * pt["time_s"], pt["bound"]] for pt in points],
         hovertemplate=_POINT_HOVER,
     )
@@ -171,7 +171,7 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
     """Log-log roofline: the roofs of each prediction's device (every unit, or the predicted one), and
     the decode ops as points at (FLOPs / byte, FLOPs / predicted time); a host record adds its
     predicted and measured points."""
-    point_sets = [(f"{label(p)}: decode ops", op_points(p)) for p in preds]
+    point_sets = [(f"{label(p)} ops", op_points(p)) for p in preds]
     if host_record is not None:
         point_sets += [(f"host {which}", host_op_points(host_record, which)) for which in ("predicted", "measured")]
     roofs, drawn = [], set()
@@ -199,11 +199,13 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
                            f"{r['flops_per_s'] / 1e12:.3g} TFLOP/s<br>ridge {ridge:.3g} FLOP/byte<extra></extra>"),
         ))
     for (name, pts), p in zip(point_sets, preds + [None, None]):
-        if p is not None:
-            color, symbol = color_of[(p.device.name, p.unit.name)], None
-        else:
-            color, symbol = ("black", "diamond-open") if name.endswith("predicted") else ("black", "diamond")
-        fig.add_trace(_points_trace(pts, name, color, symbol))
+        if p is None:  # the host's points: black diamonds, open for predicted, filled for measured
+            fig.add_trace(_points_trace(pts, name, "black", "diamond-open" if name.endswith("predicted") else "diamond"))
+            continue
+        for bound, symbol in BOUND_SYMBOL.items():  # a trace per bound, so the legend explains the symbols
+            bound_pts = [pt for pt in pts if pt["bound"] == bound]
+            if bound_pts:
+                fig.add_trace(_points_trace(bound_pts, f"{name}, {bound}-bound", color_of[(p.device.name, p.unit.name)], symbol))
     flops_values = [pt["achieved_flops_per_s"] for _, pts in point_sets for pt in pts] + [r["flops_per_s"] for r in roofs]
     fig.update_layout(
         title=title or "Roofline",
@@ -263,31 +265,35 @@ def devices_speed_figure(preds: list[Prediction], title: str | None = None) -> g
             customdata=[[r.claim, r.weights, r.source] for _, r in refs],
             hovertemplate="%{y}: published %{customdata[0]} (%{customdata[1]})<br>%{customdata[2]}<extra></extra>",
         ), row=1, col=1)
-    fig.update_layout(title=title or "Decode speed and time to first token", height=max(320, 28 * len(preds) + 160),
-                      legend={"orientation": "h", "y": -0.12}, margin={"t": 90})
+    fig.update_layout(title=title or "Decode speed and time to first token", height=max(340, 28 * len(preds) + 180),
+                      legend={"orientation": "h", "y": -0.25}, margin={"t": 90})
     fig.update_xaxes(title_text="tokens/s", row=1, col=1)
     fig.update_xaxes(title_text="ms", row=1, col=2)
     return fig
 
 
 def memory_figure(preds: list[Prediction], title: str | None = None) -> go.Figure:
-    """Resident bytes (weights + KV cache + activations) against each device's usable memory; the
-    footprint does not depend on the unit, so one bar per device."""
+    """Resident bytes (weights + KV cache + activations) as a share of each device's usable memory, so
+    devices from 4 GB to 80 GB share one linear axis; past 100% the model does not fit. The footprint
+    does not depend on the unit: one bar per device."""
     by_device = {p.device.name: p for p in preds}
-    preds = sorted(by_device.values(), key=lambda p: p.memory_capacity_bytes)
+    preds = sorted(by_device.values(), key=lambda p: p.memory.total_bytes / p.memory_capacity_bytes)
     names = [p.device.name for p in preds]
     fig = go.Figure()
     for part, color in (("weight_bytes", COLORS[0]), ("kv_cache_bytes", COLORS[2]), ("activation_bytes", COLORS[4])):
-        fig.add_trace(go.Bar(y=names, x=[getattr(p.memory, part) / GB for p in preds], orientation="h", marker_color=color,
-                             name=part.removesuffix("_bytes").replace("_", " ") + " GB", hovertemplate="%{y}: %{x:.3f} GB<extra>%{fullData.name}</extra>"))
+        fig.add_trace(go.Bar(
+            y=names, x=[100 * getattr(p.memory, part) / p.memory_capacity_bytes for p in preds], orientation="h", marker_color=color,
+            name=part.removesuffix("_bytes").replace("_", " "), customdata=[getattr(p.memory, part) / GB for p in preds],
+            hovertemplate="%{y}: %{customdata:.3f} GB, %{x:.1f}% of usable memory<extra>%{fullData.name}</extra>"))
     fig.add_trace(go.Scatter(
-        y=names, x=[p.memory_capacity_bytes / GB for p in preds], mode="markers+text", name="usable memory GB",
-        marker={"symbol": "line-ns-open", "size": 26, "line": {"width": 3}, "color": "black"},
-        text=["fits" if p.fits_in_memory else "DOES NOT FIT" for p in preds], textposition="middle right",
-        hovertemplate="%{y}: %{x:.1f} GB usable<extra></extra>",
-    ))
-    fig.update_layout(title=title or "Memory footprint vs usable memory", barmode="stack", xaxis={"title": "GB", "type": "log"},
-                      height=max(300, 28 * len(preds) + 140), legend={"orientation": "h", "y": -0.2})
+        y=names, x=[100 * p.memory.total_bytes / p.memory_capacity_bytes for p in preds], mode="text", showlegend=False,
+        text=[f"  {p.memory.total_bytes / GB:.2f} of {p.memory_capacity_bytes / GB:g} GB" + ("" if p.fits_in_memory else ": DOES NOT FIT") for p in preds],
+        textposition="middle right", hoverinfo="skip"))
+    fig.add_vline(x=100, line_color="crimson", line_dash="dash", annotation_text="usable memory", annotation_position="top")
+    widest = max([100 * p.memory.total_bytes / p.memory_capacity_bytes for p in preds] + [100])
+    fig.update_layout(title=title or "Memory footprint vs usable memory", barmode="stack",
+                      xaxis={"title": "% of the device's usable memory", "range": [0, 1.3 * widest]},
+                      height=max(300, 28 * len(preds) + 160), legend={"orientation": "h", "y": -0.25}, margin={"t": 90})
     return fig
 
 

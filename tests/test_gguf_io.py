@@ -214,11 +214,12 @@ def test_synthetic_vocab_has_llama_byte_tokens(tmp_path):
     tokens, scores, types = synthetic_vocab(320)
     assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == 320
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and tokens[3 + 10] == "<0x0A>"
+    assert "<|endoftext|>" in tokens  # llama.cpp fails on a "phi3"-named model without it
     m = read_phi3_gguf(write_random_phi3_gguf(tmp_path / "tok.gguf", TINY))
     assert m.metadata["tokenizer.ggml.model"] == "llama"
     assert m.metadata["general.architecture"] == "phi3"
     assert m.metadata["general.file_type"] == 2  # MOSTLY_Q4_0
-    with pytest.raises(ValueError, match="at least 259"):
+    with pytest.raises(ValueError, match="at least 261"):
         synthetic_vocab(100)
 
 
@@ -303,3 +304,61 @@ def test_writer_rejects_incomplete_tensor_sets(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         write_phi3_gguf(tmp_path / "x.gguf", TINY, src)
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ------------------------------------------------------------------------------- llama.cpp agrees
+
+
+def _numpy_phi3_logits(m: GgufModel, toks: list[int]) -> np.ndarray:
+    """Reference Phi-3 forward pass (float64) over the tensors exactly as gguf_io documents them."""
+    qt = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
+    W = {
+        n: gguf.quants.dequantize(np.asarray(t.data), qt[t.type]).reshape(t.shape).astype(np.float64)
+        for n, t in m.tensors.items()
+    }
+    a, T, hd = m.arch, len(toks), m.arch.head_dim
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + a.rms_eps) * w
+
+    def rope(x):  # NeoX style: pairs (i, i + n_rot/2)
+        half = a.n_rot // 2
+        ang = np.arange(T)[:, None] * a.rope_theta ** (-np.arange(half) * 2 / a.n_rot)[None]
+        c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
+        x1, x2 = x[..., :half], x[..., half : a.n_rot]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, x[..., a.n_rot :]], -1)
+
+    x = W["token_embd.weight"][toks]
+    kv = a.n_head_kv * hd
+    for i in range(a.n_layer):
+        p = f"blk.{i}."
+        qkv = rms(x, W[p + "attn_norm.weight"]) @ W[p + "attn_qkv.weight"].T
+        q = rope(qkv[:, : a.n_embd].reshape(T, a.n_head, hd))
+        k = rope(qkv[:, a.n_embd : a.n_embd + kv].reshape(T, a.n_head_kv, hd))
+        v = qkv[:, a.n_embd + kv :].reshape(T, a.n_head_kv, hd)
+        k, v = (np.repeat(z, a.n_head // a.n_head_kv, 1) for z in (k, v))
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
+        pr = np.exp(s - s.max(-1, keepdims=True))
+        pr /= pr.sum(-1, keepdims=True)
+        x = x + np.einsum("hts,shd->thd", pr, v).reshape(T, a.n_embd) @ W[p + "attn_output.weight"].T
+        gu = rms(x, W[p + "ffn_norm.weight"]) @ W[p + "ffn_up.weight"].T
+        g, u = gu[:, : a.n_ff], gu[:, a.n_ff :]  # gate rows first, then up
+        x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
+    return rms(x[-1], W["output_norm.weight"]) @ W["output.weight"].T
+
+
+@pytest.mark.parametrize("weight_type", ["f32", "q4_0"])
+def test_llama_cpp_loads_our_files_and_agrees_with_the_documented_layout(tmp_path, weight_type):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    arch = Phi3Arch(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=512, n_ctx=512)
+    path = write_random_phi3_gguf(tmp_path / "l.gguf", arch, weight_type, seed=3)
+    toks = [1, 300, 301, 302, 400]
+    ref = _numpy_phi3_logits(read_phi3_gguf(path), toks)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=False, verbose=False)
+    llm.eval(toks)
+    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(arch.n_vocab,))
+    assert np.isfinite(got).all()
+    # llama.cpp rounds activations to q8 for quantized matmuls: allow a few percent there
+    tol = 0.01 if weight_type == "f32" else 0.05
+    assert np.abs(got - ref).max() < tol * np.abs(ref).max()
+    del llm

@@ -19,7 +19,7 @@ st.caption("Black markers: published measurements of this model on that device "
            "(triangle right: 'more than', triangle left: 'less than', diamond: 'about' or exact).")
 st.plotly_chart(memory_figure, key="memory")
 st.subheader("Predictions")
-st.dataframe(rows, hide_index=True, key="predictions", column_config={
+st.dataframe(rows, hide_index=True, column_config={
     "decode tokens/s": st.column_config.NumberColumn(format="%.2f"),
     "ms/token": st.column_config.NumberColumn(format="%.2f"),
     "TTFT ms": st.column_config.NumberColumn(format="%.1f"),

@@ -42,7 +42,7 @@ error_column.metric("Error of tokens/s", f"{100 * record['error']['decode_tokens
                     help="(predicted - measured) / measured: positive means the roofline promises more speed than the host delivers")
 st.plotly_chart(common.host_figure(*source), key="host_groups")
 st.subheader("Per op group")
-st.dataframe(viz.host_group_rows(record), hide_index=True, key="host_table", column_config={
+st.dataframe(viz.host_group_rows(record), hide_index=True, column_config={
     "predicted ms/token": st.column_config.NumberColumn(format="%.3f"),
     "measured ms/token": st.column_config.NumberColumn(format="%.3f"),
     "error": st.column_config.NumberColumn(format="percent", help="(predicted - measured) / measured time"),

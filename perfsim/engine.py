@@ -1,0 +1,310 @@
+"""The decode engine: Phi-3's forward pass for one token at a time, with a KV cache, on perfsim's
+Numba kernels, timing each op under the workload's op names (perfsim.workload.decode_ops).
+
+Weights come from a GGUF file (memory-mapped; q4_0/q8_0 matrices repacked into the GEMV's row tiles,
+same bytes, and the file pages dropped behind them) or are generated deterministically, directly in
+the packed format (never a float32 copy of the model).
+
+Shapes (Phi-3 Mini): hidden 3072, qkv 9216 = q 3072 + k 3072 + v 3072, gate_up 16384, ff 8192,
+heads 32 x head_dim 96, vocab 32064. All activations are f32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from perfsim.errors import UserError
+from perfsim.kernels.attention import KVCache, attention, kv_append, new_kv_cache
+from perfsim.kernels.elementwise import argmax, residual_add, rmsnorm, rope_rotate, rope_tables, silu_mul
+from perfsim.kernels.gemv import gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0, weight_format
+from perfsim.model import ModelSpec
+from perfsim.quant import F32, Formats, QuantFormat, quant_format
+from perfsim.workload import decode_ops
+
+OP_NAMES = tuple(op.name for op in decode_ops(ModelSpec("any", 1, 32, 1, 1, 32, 32, 2), Formats(), 1))
+KV_CACHE_FORMATS = ("f16", "q8_0", "f32")
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: np.ndarray  # f32[hidden]
+    attn_qkv: object  # GEMV weights (rows = q_dim + 2 kv_dim, cols = hidden)
+    attn_output: object  # (hidden, q_dim)
+    ffn_norm: np.ndarray  # f32[hidden]
+    ffn_gate_up: object  # (2 ff, hidden): gate rows, then up rows
+    ffn_down: object  # (hidden, ff)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """token_embd in its stored format, rows dequantized one at a time (one row is read per token)."""
+
+    format: QuantFormat
+    table: np.ndarray  # q4_0/q8_0: uint8 (vocab, hidden/32 * block bytes), GGUF blocks; f16/f32: (vocab, hidden)
+
+    def row(self, token: int, out: np.ndarray) -> None:
+        raw = self.table[token]
+        if self.format.block_size == 1:
+            out[:] = raw
+            return
+        blocks = raw.reshape(-1, self.format.block_bytes)
+        scales = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+        if self.format.name == "q8_0":
+            values = blocks[:, 2:].view(np.int8).astype(np.float32)
+        else:  # q4_0: byte j holds element j (low nibble) and j + 16 (high nibble)
+            nibbles = blocks[:, 2:]
+            values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float32) - 8
+        out[:] = (values * scales).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Weights:
+    model: ModelSpec
+    weight_format: QuantFormat  # of the layer matrices and the lm_head
+    token_embd: Embedding
+    layers: tuple
+    output_norm: np.ndarray  # f32[hidden]
+    lm_head: object  # (vocab, hidden)
+    origin: str  # "random (seed 0)" or the GGUF path
+
+
+# --- weights from a GGUF file ------------------------------------------------------------------------------
+
+
+def _gemv_weights(gguf, name: str):
+    tensor = gguf.tensors[name]
+    if tensor.type == "q4_0":
+        packed = pack_q4_0(tensor.data)
+    elif tensor.type == "q8_0":
+        packed = pack_q8_0(tensor.data)
+    else:
+        return tensor.data  # f16/f32: the mapped array itself, not copied
+    gguf.release(name)  # the packed copy replaces the file pages: resident memory stays ~ file size
+    return packed
+
+
+def load_gguf(path: str | Path) -> Weights:
+    from perfsim.gguf_io import read_phi3_gguf
+
+    gguf = read_phi3_gguf(path)
+    a = gguf.arch
+    if a.n_rot != a.head_dim:
+        raise UserError(f"{path}: partial rotary embeddings (rope.dimension_count {a.n_rot} < head dim {a.head_dim}) are not supported")
+    name = str(gguf.metadata.get("general.name") or Path(path).stem)
+    model = ModelSpec(name, a.n_layer, a.n_embd, a.n_head, a.n_head_kv, a.n_ff, a.n_vocab, a.n_ctx, a.rms_eps, a.rope_theta)
+    types = {t.type for n, t in gguf.tensors.items() if len(t.shape) == 2 and n != "token_embd.weight"}
+    if len(types) != 1:
+        raise UserError(f"{path}: the layer matrices mix formats {sorted(types)}; perfsim models one weight format per model")
+    embd = gguf.tensors["token_embd.weight"]
+    layers = tuple(
+        Layer(
+            attn_norm=np.asarray(gguf.tensors[f"blk.{i}.attn_norm.weight"].data, np.float32),
+            attn_qkv=_gemv_weights(gguf, f"blk.{i}.attn_qkv.weight"),
+            attn_output=_gemv_weights(gguf, f"blk.{i}.attn_output.weight"),
+            ffn_norm=np.asarray(gguf.tensors[f"blk.{i}.ffn_norm.weight"].data, np.float32),
+            ffn_gate_up=_gemv_weights(gguf, f"blk.{i}.ffn_up.weight"),
+            ffn_down=_gemv_weights(gguf, f"blk.{i}.ffn_down.weight"),
+        )
+        for i in range(a.n_layer)
+    )
+    return Weights(
+        model=model,
+        weight_format=quant_format(types.pop()),
+        token_embd=Embedding(quant_format(embd.type), embd.data),
+        layers=layers,
+        output_norm=np.asarray(gguf.tensors["output_norm.weight"].data, np.float32),
+        lm_head=_gemv_weights(gguf, "output.weight"),
+        origin=str(path),
+    )
+
+
+# --- deterministic random weights ----------------------------------------------------------------------------
+
+_RANDOM_MATRIX = {"q4_0": random_q4_0, "q8_0": random_q8_0, "f16": random_f16, "f32": random_f32}
+
+
+def _random_embedding(vocab: int, hidden: int, fmt: QuantFormat, seed: int) -> Embedding:
+    rng = np.random.default_rng(seed)
+    if fmt.block_size == 1:
+        return Embedding(fmt, _RANDOM_MATRIX[fmt.name](vocab, hidden, seed))
+    table = rng.integers(0, 256, size=(vocab, hidden // 32 * fmt.block_bytes), dtype=np.uint8)
+    blocks = table.reshape(vocab, -1, fmt.block_bytes)
+    # fp16 scales giving rows of RMS ~1 (the embedding output feeds an RMSNorm, so the scale is free)
+    scale = np.float16(1 / 4.6 if fmt.name == "q4_0" else 1 / 73.6)
+    blocks[:, :, :2] = np.full(blocks.shape[:2], scale, np.float16).view(np.uint8).reshape(vocab, -1, 2)
+    return Embedding(fmt, table)
+
+
+def random_weights(model: ModelSpec, weight_format: str | QuantFormat = "q4_0", seed: int = 0) -> Weights:
+    """Phi-3-shaped weights from a seeded generator, each matrix made directly in the GEMV's format."""
+    fmt = quant_format(weight_format) if isinstance(weight_format, str) else weight_format
+    if fmt.name not in _RANDOM_MATRIX:
+        raise UserError(f"the engine runs f32, f16, q8_0 and q4_0 weights, not {fmt.name}")
+    make = _RANDOM_MATRIX[fmt.name]
+    shapes = model.layer_matrices()
+    ones = np.ones(model.hidden_size, np.float32)
+
+    def layer(i):
+        matrices = {name: make(rows, cols, seed=seed * 1000 + 10 * i + k) for k, (name, (rows, cols)) in enumerate(shapes.items())}
+        return Layer(ones, matrices["attn_qkv"], matrices["attn_output"], ones, matrices["ffn_gate_up"], matrices["ffn_down"])
+
+    return Weights(
+        model=model,
+        weight_format=fmt,
+        token_embd=_random_embedding(model.vocab_size, model.hidden_size, fmt, seed * 1000 + 998),
+        layers=tuple(layer(i) for i in range(model.n_layers)),
+        output_norm=ones,
+        lm_head=make(model.vocab_size, model.hidden_size, seed=seed * 1000 + 999),
+        origin=f"random (seed {seed})",
+    )
+
+
+# --- the engine ------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, weights: Weights, kv_format: str = "f16"):
+        if kv_format not in KV_CACHE_FORMATS:
+            raise UserError(f"KV cache format must be one of {', '.join(KV_CACHE_FORMATS)}, got {kv_format!r}")
+        self.weights = weights
+        self.model = weights.model
+        self.formats = Formats(weights=weights.weight_format, activations=F32, kv_cache=quant_format(kv_format))
+
+    @classmethod
+    def from_gguf(cls, path, kv_format: str = "f16") -> "Engine":
+        return cls(load_gguf(path), kv_format)
+
+    @classmethod
+    def random(cls, model: ModelSpec, weight_format="q4_0", kv_format: str = "f16", seed: int = 0) -> "Engine":
+        return cls(random_weights(model, weight_format, seed), kv_format)
+
+    def session(self, max_context: int) -> "Session":
+        if not 1 <= max_context <= self.model.max_context:
+            raise UserError(f"context of {max_context} tokens is outside {self.model.name}'s limit of {self.model.max_context}")
+        return Session(self, max_context)
+
+
+class Session:
+    """One sequence being decoded: its KV cache, its position, and scratch buffers."""
+
+    def __init__(self, engine: Engine, max_context: int):
+        m = engine.model
+        self.engine, self.model, self.weights = engine, m, engine.weights
+        self.max_context = max_context
+        self.cache: KVCache = new_kv_cache(m.n_layers, m.n_kv_heads, max_context, m.head_dim, engine.formats.kv_cache)
+        self.rope = rope_tables(max_context, m.head_dim, m.rope_theta)
+        self.position = 0  # of the next token
+        self.next_token = -1  # argmax of the last logits
+        self.op_seconds = dict.fromkeys(OP_NAMES, 0.0)  # of the last step, each op summed over layers
+        f32 = np.float32
+        self.x = np.zeros(m.hidden_size, f32)  # residual stream
+        self.xn = np.zeros(m.hidden_size, f32)  # normed input of a block
+        self.qkv = np.zeros(m.qkv_rows, f32)
+        self.attn = np.zeros(m.q_dim, f32)  # attention output, heads concatenated
+        self.proj = np.zeros(m.hidden_size, f32)  # a block's output projection
+        self.gate_up = np.zeros(2 * m.intermediate_size, f32)
+        self.act = np.zeros(m.intermediate_size, f32)
+        self.logits = np.zeros(m.vocab_size, f32)
+        q_dim, kv_dim = m.q_dim, m.kv_dim
+        self.q = self.qkv[:q_dim].reshape(m.n_heads, m.head_dim)
+        self.k = self.qkv[q_dim : q_dim + kv_dim].reshape(m.n_kv_heads, m.head_dim)
+        self.v = self.qkv[q_dim + kv_dim :].reshape(m.n_kv_heads, m.head_dim)
+        self.attn_heads = self.attn.reshape(m.n_heads, m.head_dim)
+
+    def step(self, token: int) -> np.ndarray:
+        """Decode one token at self.position; returns the logits (a buffer reused by the next step)."""
+        m, w, pos = self.model, self.weights, self.position
+        if pos >= self.max_context:
+            raise UserError(f"the session holds {self.max_context} positions; position {pos} is beyond it")
+        if not 0 <= token < m.vocab_size:
+            raise UserError(f"token {token} is outside the vocabulary (0..{m.vocab_size - 1})")
+        seconds = dict.fromkeys(OP_NAMES, 0.0)
+        clock = time.perf_counter
+        eps, cos, sin = m.rms_norm_eps, self.rope.cos[pos], self.rope.sin[pos]
+        x, xn = self.x, self.xn
+
+        t0 = clock()
+        w.token_embd.row(token, x)
+        t1 = clock()
+        seconds["token_embd"] += t1 - t0
+        for i, layer in enumerate(w.layers):
+            t0 = clock()
+            rmsnorm(x, layer.attn_norm, eps, xn)
+            t1 = clock()
+            gemv(layer.attn_qkv, xn, self.qkv)
+            t2 = clock()
+            rope_rotate(self.q, cos, sin)
+            rope_rotate(self.k, cos, sin)
+            t3 = clock()
+            kv_append(self.cache, i, pos, self.k, self.v)
+            t4 = clock()
+            attention(self.q, self.cache, i, pos + 1, self.attn_heads)
+            t5 = clock()
+            gemv(layer.attn_output, self.attn, self.proj)
+            t6 = clock()
+            residual_add(x, self.proj)
+            t7 = clock()
+            rmsnorm(x, layer.ffn_norm, eps, xn)
+            t8 = clock()
+            gemv(layer.ffn_gate_up, xn, self.gate_up)
+            t9 = clock()
+            silu_mul(self.gate_up, self.act)
+            t10 = clock()
+            gemv(layer.ffn_down, self.act, self.proj)
+            t11 = clock()
+            residual_add(x, self.proj)
+            t12 = clock()
+            seconds["attn_norm"] += t1 - t0
+            seconds["attn_qkv"] += t2 - t1
+            seconds["rope"] += t3 - t2
+            seconds["kv_append"] += t4 - t3
+            seconds["attention"] += t5 - t4
+            seconds["attn_output"] += t6 - t5
+            seconds["attn_residual"] += t7 - t6
+            seconds["ffn_norm"] += t8 - t7
+            seconds["ffn_gate_up"] += t9 - t8
+            seconds["ffn_act"] += t10 - t9
+            seconds["ffn_down"] += t11 - t10
+            seconds["ffn_residual"] += t12 - t11
+        t0 = clock()
+        rmsnorm(x, w.output_norm, eps, xn)
+        t1 = clock()
+        gemv(w.lm_head, xn, self.logits)
+        t2 = clock()
+        self.next_token = int(argmax(self.logits))
+        t3 = clock()
+        seconds["output_norm"] += t1 - t0
+        seconds["lm_head"] += t2 - t1
+        seconds["argmax"] += t3 - t2
+        self.op_seconds = seconds
+        self.position = pos + 1
+        return self.logits
+
+    def generate(self, prompt: list[int], n_new_tokens: int) -> list[int]:
+        """Greedy decoding: feed the prompt token by token, then n_new_tokens argmax tokens."""
+        for token in prompt:
+            self.step(token)
+        out = []
+        for _ in range(n_new_tokens):
+            out.append(self.next_token)
+            self.step(self.next_token)
+        return out
+
+    def fill_cache(self, n_positions: int, seed: int = 0) -> None:
+        """Positions 0..n_positions-1 get random K and V (N(0,1)), as if that many tokens had been
+        decoded: decode speed at a context does not depend on what the cache holds, and decoding 4096
+        tokens to get there would take minutes."""
+        if not 0 <= n_positions <= self.max_context:
+            raise UserError(f"cannot fill {n_positions} positions of a {self.max_context}-position cache")
+        rng = np.random.default_rng(seed)
+        m = self.model
+        for layer in range(m.n_layers):
+            for start in range(0, n_positions, 256):  # 256 positions per draw keeps temporaries small
+                kv = rng.standard_normal((min(256, n_positions - start), 2, m.n_kv_heads, m.head_dim), dtype=np.float32)
+                for offset, (k, v) in enumerate(kv):
+                    kv_append(self.cache, layer, start + offset, k, v)
+        self.position = n_positions

@@ -1,0 +1,125 @@
+"""Measured decode on the host: run the engine, time every op, summarize as a Measurement.
+
+The decoded tokens attend to context - n_tokens + 1 ... context positions (the cache is filled with
+random K/V up to the first of them), so `--context 4096` measures the last tokens a Phi-3 Mini 4k
+can decode, and the prediction compared with it is made at the same contexts.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+from perfsim.errors import UserError
+from perfsim.model import ModelSpec
+from perfsim.quant import Formats
+from perfsim.workload import decode_ops, memory_footprint
+
+
+@dataclass(frozen=True)
+class Measurement:
+    model: ModelSpec
+    formats: Formats
+    threads: int
+    contexts: tuple  # context of each measured step
+    step_seconds: tuple  # wall time of each measured step
+    op_seconds: dict  # op name -> per-step seconds (summed over layers), same order as step_seconds
+    load_s: float  # weights read or generated, and repacked
+    warmup_s: float  # first step, JIT compile or cache load included, minus a steady step
+    peak_rss_bytes: int
+    weights_origin: str
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / statistics.median(self.step_seconds)
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * statistics.median(self.step_seconds)
+
+    def op_time_s(self, name: str) -> float:
+        return statistics.median(self.op_seconds[name])
+
+
+def available_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> int:
+    cores = available_threads()
+    if threads is None:
+        return cores
+    if not 1 <= threads <= cores:
+        raise UserError(f"--threads must be between 1 and {cores} (this machine's cores), got {threads}")
+    return threads
+
+
+def check_run(model: ModelSpec, formats: Formats, context: int, n_tokens: int) -> None:
+    """Bad options and a host too small are refused before anything is allocated."""
+    import psutil
+
+    if n_tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {n_tokens}")
+    if context > model.max_context:
+        raise UserError(f"context of {context} tokens is longer than {model.name}'s limit of {model.max_context} tokens")
+    if n_tokens > context:
+        raise UserError(f"--tokens ({n_tokens}) cannot exceed --context ({context}): the measured tokens end at the context")
+    needed = memory_footprint(model, formats, context).total_bytes
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise UserError(f"{model.name} needs {needed / 1e9:.1f} GB ({formats.weights.name} weights + KV cache at {context}) "
+                        f"but this host has {available / 1e9:.1f} GB available")
+
+
+def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: float = 0.0, seed: int = 0) -> Measurement:
+    """Decode n_tokens ending at `context` with `threads` Numba threads; one warm-up step first."""
+    from perfsim.kernels.jit import set_threads
+
+    set_threads(threads)
+    first = context - n_tokens
+    session = engine.session(context)
+    session.fill_cache(first, seed)
+    start = time.perf_counter()
+    session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
+    warmup_step_s = time.perf_counter() - start
+    session.position = first
+    token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
+    for _ in range(n_tokens):
+        start = time.perf_counter()
+        session.step(token)
+        steps.append(time.perf_counter() - start)
+        token = session.next_token
+        for name, seconds in session.op_seconds.items():
+            ops[name].append(seconds)
+    return Measurement(
+        model=engine.model,
+        formats=engine.formats,
+        threads=threads,
+        contexts=tuple(range(first + 1, context + 1)),
+        step_seconds=tuple(steps),
+        op_seconds={name: tuple(v) for name, v in ops.items()},
+        load_s=load_s,
+        warmup_s=max(warmup_step_s - statistics.median(steps), 0.0),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        weights_origin=engine.weights.origin,
+    )
+
+
+def measurement_record(m: Measurement) -> dict:
+    kinds = {op.name: op.kind for op in decode_ops(m.model, m.formats, m.contexts[-1])}
+    return {
+        "decode_tokens_per_s": m.decode_tokens_per_s,
+        "ms_per_token": m.ms_per_token,
+        "threads": m.threads,
+        "contexts": [m.contexts[0], m.contexts[-1]],
+        "steps": len(m.step_seconds),
+        "step_seconds": list(m.step_seconds),
+        "load_s": m.load_s,
+        "warmup_s": m.warmup_s,
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "weights": m.weights_origin,
+        "ops": [{"name": name, "kind": kinds[name], "time_s": m.op_time_s(name)} for name in m.op_seconds],
+    }

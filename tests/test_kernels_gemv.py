@@ -1,0 +1,219 @@
+"""GEMV kernels against independent references: gguf's own (de)quantizers and float64 NumPy."""
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perfsim.kernels import gemv as g
+from perfsim.quant import F16, F32, Q4_0, Q8_0, grouped_int4
+
+RANDOM_WEIGHTS = {"q4_0": g.random_q4_0, "q8_0": g.random_q8_0, "f16": g.random_f16, "f32": g.random_f32}
+QUANTIZED = ("q4_0", "q8_0")
+PATHS = [pytest.param(True, id="portable")] + (
+    [pytest.param(False, id="avx2")] if g.avx2_available() else []
+)
+
+
+# --- cost, pinned by hand ---------------------------------------------------------------------
+
+
+def test_gemv_cost_q4_0_3072x3072():
+    cost = g.gemv_cost(3072, 3072, Q4_0)
+    assert cost.weight_bytes == 3072 * 3072 * 18 // 32 == 5_308_416
+    assert cost.flops == 2 * 3072 * 3072
+    assert cost.act_bytes == 3072 // 32 * 34 + 3072 * 4 == 15_552  # q8_0 x in, f32 y out
+
+
+def test_gemv_cost_other_formats():
+    assert g.gemv_cost(32064, 3072, Q8_0).weight_bytes == 32064 * 3072 // 32 * 34
+    assert g.gemv_cost(3072, 8192, F16) == g.gemv_cost(3072, 8192, F16)  # value type
+    f16 = g.gemv_cost(3072, 8192, F16)
+    assert (f16.weight_bytes, f16.act_bytes) == (3072 * 8192 * 2, 8192 * 4 + 3072 * 4)
+    assert g.gemv_cost(16, 64, F32).weight_bytes == 16 * 64 * 4
+    assert g.gemv_cost(16, 256, grouped_int4(128)).weight_bytes == 16 * 2 * 66
+
+
+def test_gemv_cost_rejects_partial_blocks():
+    with pytest.raises(ValueError, match="multiple"):
+        g.gemv_cost(3072, 3000, Q4_0)
+
+
+# --- packing against gguf ---------------------------------------------------------------------
+
+
+def _gguf_raw(rows, cols, qtype, seed=0):
+    data = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    data[0, :32] = 0  # an all-zero block: scale 0
+    return gguf.quants.quantize(data, qtype)
+
+
+@pytest.mark.parametrize("rows", [1, 32, 45, 70])
+def test_pack_q4_0_matches_gguf_dequantize(rows):
+    raw = _gguf_raw(rows, 96, GGMLQuantizationType.Q4_0)
+    assert raw.shape == (rows, 96 // 32 * 18)
+    packed = g.pack_q4_0(raw)
+    assert packed.qs.nbytes + packed.d.nbytes == g._n_tiles(rows) * 32 * 96 // 32 * 18
+    expected = gguf.quants.dequantize(raw, GGMLQuantizationType.Q4_0)
+    np.testing.assert_array_equal(g.unpack_to_f32(packed), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_pack_q8_0_matches_gguf_dequantize(rows):
+    raw = _gguf_raw(rows, 64, GGMLQuantizationType.Q8_0)
+    expected = gguf.quants.dequantize(raw, GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(g.unpack_to_f32(g.pack_q8_0(raw)), expected)
+
+
+def test_pack_pads_rows_with_zero_scales():
+    packed = g.pack_q4_0(_gguf_raw(45, 64, GGMLQuantizationType.Q4_0))
+    assert packed.qs.shape == (2, 2, 512) and packed.d.shape == (2, 2, 32)
+    assert not packed.d[1, :, 45 - 32 :].any()
+
+
+@pytest.mark.parametrize("pack, block_bytes", [(g.pack_q4_0, 18), (g.pack_q8_0, 34)])
+def test_pack_rejects_partial_blocks(pack, block_bytes):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack(np.zeros((4, block_bytes + 1), np.uint8))
+
+
+def test_pack_rejects_wrong_dtype():
+    with pytest.raises(ValueError, match="uint8"):
+        g.pack_q4_0(np.zeros((4, 18), np.int16))
+
+
+# --- q8_0 activation quantization against gguf ------------------------------------------------
+
+
+def test_quantize_q8_0_matches_gguf_bit_for_bit():
+    x = np.random.default_rng(1).standard_normal(256).astype(np.float32) * 3
+    x[32:64] = np.arange(32) - 15.5  # amax 16.5: exact .5 ties after scaling in some lanes
+    x[64:96] = 0  # zero block: d = 0, q = 0
+    x[96:128] = np.float32(127) * np.array([0.5, -1.5, 2.5, -2.5] * 8, np.float32) / 127  # ties
+    x[96] = 127
+    qs, d = g.quantize_q8_0(x)
+    raw = gguf.quants.quantize(x[None, :], GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    np.testing.assert_array_equal(qs, raw[:, 2:].view(np.int8).reshape(-1))
+    np.testing.assert_array_equal(d.astype(np.float16), raw[:, :2].copy().view(np.float16).reshape(-1))
+    ref_qs, ref_d = g.quantize_q8_0_reference(x)
+    np.testing.assert_array_equal(qs, ref_qs)
+    np.testing.assert_array_equal(d, ref_d)
+
+
+def test_quantize_q8_0_rounds_ties_away_from_zero():
+    x = np.zeros(32, np.float32)
+    x[:4] = [127, 2.5, -2.5, 0.5]  # d = 1 exactly
+    qs, d = g.quantize_q8_0(x)
+    assert d[0] == 1 and list(qs[:4]) == [127, 3, -3, 1]  # half-to-even would give 2, -2, 0
+
+
+def test_quantize_q8_0_rejects_partial_block():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        g.quantize_q8_0(np.zeros(40, np.float32))
+
+
+# --- gemv against the float64 reference -------------------------------------------------------
+
+
+def _check_gemv(fmt, rows, cols, seed, portable):
+    weights = RANDOM_WEIGHTS[fmt](rows, cols, seed)
+    x = np.random.default_rng(seed + 1).standard_normal(cols).astype(np.float32)
+    buffer = np.full(rows + 8, 12345.0, np.float32)  # sentinels after y catch writes past the end
+    y = g.gemv(weights, x, buffer[:rows], portable=portable)
+    error = np.abs(y - g.gemv_reference(weights, x))
+    assert np.all(error <= g.gemv_tolerance(weights, x)), f"worst error {error.max():.3g}"
+    assert np.all(buffer[rows:] == 12345.0)
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 100), n_blocks=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_gemv_quantized_matches_reference(fmt, portable, rows, n_blocks, seed):
+    _check_gemv(fmt, rows, 32 * n_blocks, seed, portable)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "f32"])
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 100), cols=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_gemv_float_matches_reference(fmt, rows, cols, seed):
+    _check_gemv(fmt, rows, cols, seed, portable=False)
+
+
+@pytest.mark.parametrize("portable", PATHS)
+@pytest.mark.parametrize("rows", [1, 31, 33, 95])
+def test_gemv_q4_0_rows_not_a_multiple_of_the_tile(rows, portable):
+    _check_gemv("q4_0", rows, 64, seed=rows, portable=portable)
+
+
+@pytest.mark.parametrize("portable", PATHS)
+def test_gemv_q4_0_from_gguf_bytes(portable):
+    """End to end from real GGUF blocks: gemv == dequantize (gguf) @ q8_0-rounded x."""
+    raw = _gguf_raw(40, 128, GGMLQuantizationType.Q4_0, seed=5)
+    x = np.random.default_rng(6).standard_normal(128).astype(np.float32)
+    x[:32] = 0  # a zero activation block
+    y = g.gemv(g.pack_q4_0(raw), x, np.empty(40, np.float32), portable=portable)
+    qs, d = g.quantize_q8_0_reference(x)
+    w = gguf.quants.dequantize(raw, GGMLQuantizationType.Q4_0).astype(np.float64)
+    x_rounded = qs * np.repeat(d.astype(np.float64), 32)
+    np.testing.assert_allclose(y, w @ x_rounded, rtol=0, atol=1e-5 * (np.abs(w) @ np.abs(x_rounded)).max())
+
+
+def test_gemv_extreme_nibbles_do_not_overflow():
+    """All-0 and all-15 nibbles with |xq| = 127 everywhere: the int16 sums sit at their limits."""
+    for byte in (0x00, 0xFF):
+        for portable in [p.values[0] for p in PATHS]:
+            w = g.random_q4_0(32, 64, 0)
+            w = g.PackedQ4_0(32, 64, np.full_like(w.qs, byte), w.d)
+            x = np.where(np.arange(64) % 2, 1.0, -1.0).astype(np.float32)
+            y = g.gemv(w, x, np.empty(32, np.float32), portable=portable)
+            assert np.all(np.abs(y - g.gemv_reference(w, x)) <= g.gemv_tolerance(w, x))
+
+
+def test_gemv_rejects_bad_shapes():
+    w = g.random_q4_0(8, 64)
+    with pytest.raises(ValueError, match=r"x must be float32 of shape \(64,\)"):
+        g.gemv(w, np.zeros(32, np.float32), np.empty(8, np.float32))
+    with pytest.raises(ValueError, match=r"out must be contiguous float32 of shape \(8,\)"):
+        g.gemv(w, np.zeros(64, np.float32), np.empty(9, np.float32))
+
+
+# --- random weights ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", list(RANDOM_WEIGHTS))
+def test_random_weights_are_deterministic_and_keep_rms(fmt):
+    a, b, c = (RANDOM_WEIGHTS[fmt](96, 1024, seed) for seed in (7, 7, 8))
+    dense_a = g.unpack_to_f32(a)
+    np.testing.assert_array_equal(dense_a, g.unpack_to_f32(b))
+    assert not np.array_equal(dense_a, g.unpack_to_f32(c))
+    x = np.random.default_rng(0).standard_normal(1024)
+    gain = np.sqrt(np.mean((dense_a @ x) ** 2) / np.mean(x**2))
+    assert 0.8 < gain < 1.25, gain  # a 32-layer random model keeps a sane activation scale
+
+
+def test_random_rejects_partial_blocks():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        g.random_q4_0(4, 40)
+
+
+# --- codegen: the portable loop must stay vectorized -------------------------------------------
+
+
+@pytest.mark.skipif(not g.avx2_available(), reason="checks x86 AVX2 assembly")
+def test_kernels_vectorize():
+    import numba
+
+    def assembly(kernel, *args):
+        kernel.compile()  # resolves the helpers it calls
+        fresh = numba.njit(fastmath=True, error_model="numpy")(kernel.py_func)  # serial: same loops, faster compile
+        fresh(*args)
+        return fresh.inspect_asm(fresh.signatures[0])
+
+    q4 = g.random_q4_0(32, 64)
+    x, out = np.ones(64, np.float32), np.empty(32, np.float32)
+    portable = assembly(g._gemv_q4_0_portable, q4.qs.view(np.uint16), q4.d, x, out)
+    assert "vpmullw\t%ymm" in portable or "vpmullw\t(" in portable  # 16 int16 lanes per instruction
+    assert "vpmaddubsw" in assembly(g._gemv_q4_0_avx2, q4.qs, q4.d, x, out)
