@@ -53,6 +53,13 @@ def stream_buffer(n_bytes: int = DEFAULT_N_BYTES) -> np.ndarray:
     return np.arange(n_bytes // 8, dtype=np.int64)
 
 
+def read_pass_s(data: np.ndarray) -> float:
+    """Seconds for one parallel pass over `data` with the current thread count (call sum_int64 once first)."""
+    start = time.perf_counter()
+    sum_int64(data)
+    return time.perf_counter() - start
+
+
 def read_bandwidth_gb_s(n_threads: int, n_bytes: int = DEFAULT_N_BYTES, repeats: int = 7, data=None) -> float:
     """Median read bandwidth in GB/s (1e9 bytes/s) of `repeats` passes over n_bytes with n_threads threads.
 
@@ -62,12 +69,7 @@ def read_bandwidth_gb_s(n_threads: int, n_bytes: int = DEFAULT_N_BYTES, repeats:
         data = stream_buffer(n_bytes)
     set_threads(n_threads)
     sum_int64(data)  # compile (or load from cache) and warm the page tables
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sum_int64(data)
-        seconds.append(time.perf_counter() - start)
-    return data.nbytes / float(np.median(seconds)) / 1e9
+    return data.nbytes / float(np.median([read_pass_s(data) for _ in range(repeats)])) / 1e9
 
 
 def validate() -> None:

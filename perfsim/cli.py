@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--prompt", type=_positive_int, default=128, help="prompt tokens for time to first token (default 128)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores of a CPU unit)")
+    p.add_argument("--gguf", metavar="PATH", help="with --device host: decode this Phi-3 GGUF (default: random weights)")
+    p.add_argument("--tokens", type=_positive_int, default=16, help="with --device host: tokens decoded and timed (default 16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_profile)
 
@@ -64,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_positive_int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("calibrate", help="measure this host's roofs and write its profile (under a minute)")
+    p.add_argument("--output", metavar="PATH", help="where to write the profile (default: the cache, used by --device host)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("devices", help="list device profiles")
     p.add_argument("--json", action="store_true")
@@ -99,8 +105,34 @@ def _device(args):
     return get_device(args.device)
 
 
+def cmd_profile_host(args) -> int:
+    from perfsim.calibrate import load_host_profile
+    from perfsim.compare import compare
+    from perfsim.report import comparison_record, format_comparison
+    from perfsim.run import execute, plan_run
+
+    if args.unit not in (None, "cpu"):
+        raise UserError(f"the host has one unit, cpu; got --unit {args.unit}")
+    if args.device_file:
+        raise UserError("--device host measures this machine; --device-file is for predictions")
+    gguf = args.gguf
+    model = None if gguf else args.model
+    weights = None if gguf else args.weights
+    plan = plan_run(gguf, model, weights, args.kv_cache, args.context, args.tokens, args.threads)
+    device = load_host_profile(progress=None if args.json else progress_bar, message=_progress)
+    measurement = execute(plan, progress=None if args.json else _progress)
+    comparison = compare(device, measurement)
+    print(json.dumps(comparison_record(comparison), indent=2) if args.json else format_comparison(comparison))
+    return 0
+
+
 def cmd_profile(args) -> int:
     from perfsim.model import resolve_model
+
+    if args.device == "host":
+        return cmd_profile_host(args)
+    if args.gguf:
+        raise UserError("--gguf is for --device host (a measured run); a prediction needs only --model and --weights")
     from perfsim.report import format_profile, profile_record
     from perfsim.roofline import predict
 
@@ -123,6 +155,26 @@ def cmd_run(args) -> int:
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def progress_bar(done: int, total: int, what: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from perfsim.calibrate import calibrate_host, host_profile_path
+
+    path = Path(args.output) if args.output else host_profile_path()
+    device = calibrate_host(progress_bar, path)
+    unit = device.unit()
+    bandwidths = ", ".join(f"{t} threads {bw:.1f} GB/s" for t, bw in unit.bandwidth_gb_s_by_threads.items())
+    print(f"host profile written to {path} ({device.calibration['seconds']:.0f} s): read bandwidth {bandwidths}")
+    return 0
 
 
 def cmd_devices(args) -> int:

@@ -37,10 +37,20 @@ class ComputeUnit:
     cores: int = 0  # CPU only: cores the unit can use; threads are counted against these
     single_thread_bandwidth_gb_s: float = 0.0  # CPU only: what one core streams by itself
     bandwidth_gb_s_by_threads: dict = field(default_factory=dict)  # measured read bandwidth, if any
+    kernel_roofs: dict = field(default_factory=dict)  # measured, per kernel and thread count: KernelRoof
 
     def peak_flops(self, precision: str) -> float:
         listed = next(p for p in _PRECISION_FALLBACK[precision] if p in self.peak_tflops)  # the loader ensures one
         return self.peak_tflops[listed] * 1e12
+
+
+@dataclass(frozen=True)
+class KernelRoof:
+    """What one kernel achieves on a calibrated host at one thread count (perfsim calibrate)."""
+
+    gflops: float  # with its data in cache: the compute roof this kernel really sees
+    overlap: float  # 0: compute hides under memory traffic (a pure roofline); 1: they add up
+    overhead_us: float  # fixed cost of one call: Python dispatch, parallel fork/join
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class Device:
     sources: dict = field(default_factory=dict)
     notes: str = ""
     path: str = ""
+    calibration: dict = field(default_factory=dict)  # host profiles: what was measured, where and when
 
     def unit(self, name: str | None = None) -> ComputeUnit:
         name = name or self.default_unit
@@ -99,6 +110,22 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 by_threads_fields.fail(str(key), "expected a thread count (a whole number >= 1) as the key")
             by_threads[key] = by_threads_fields.number(key, exclusive_minimum=0)
         by_threads_fields.done()
+    kernel_roofs = {}
+    kernels_fields = f.mapping("kernel_roofs", required=False)
+    if kernels_fields is not None:
+        for kernel in list(kernels_fields.data):
+            per_threads = kernels_fields.mapping(kernel)
+            roofs = {}
+            for key in list(per_threads.data):
+                if not isinstance(key, int) or key < 1:
+                    per_threads.fail(str(key), "expected a thread count (a whole number >= 1) as the key")
+                roof = per_threads.mapping(key)
+                roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
+                                        roof.number("overhead_us", minimum=0))
+                roof.done()
+            per_threads.done()
+            kernel_roofs[kernel] = roofs
+        kernels_fields.done()
     unit = ComputeUnit(
         name=name,
         type=unit_type,
@@ -109,6 +136,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
         cores=f.integer("cores", minimum=1, required=is_cpu, default=0),
         single_thread_bandwidth_gb_s=f.number("single_thread_bandwidth_gb_s", exclusive_minimum=0, required=is_cpu and not by_threads, default=0.0),
         bandwidth_gb_s_by_threads=by_threads,
+        kernel_roofs=kernel_roofs,
     )
     f.done()
     return unit
@@ -145,7 +173,7 @@ def _numeric_paths(data, prefix=""):
 def _check_sources(top: Fields, data: dict, sources: dict):
     """Every number in the profile (outside references, which carry their own source) is cited."""
     cited = set(sources)
-    for path in _numeric_paths({k: v for k, v in data.items() if k not in ("references", "sources")}):
+    for path in _numeric_paths({k: v for k, v in data.items() if k not in ("references", "sources", "calibration")}):
         parts = path.split(".")
         if not any(".".join(parts[:i]) in cited for i in range(1, len(parts) + 1)):
             top.fail("sources", f"no source for {path}; every number needs an entry (its path or a prefix) under sources:")
@@ -171,6 +199,16 @@ def device_from_data(data, where: str) -> Device:
     references = []
     for i, item in enumerate(top.items("references", required=False)):
         references.append(_reference_from_fields(Fields(item, where, f"references[{i}]")))
+    calibration = {}
+    calibration_fields = top.mapping("calibration", required=False)
+    if calibration_fields is not None:
+        c = calibration_fields
+        calibration = {
+            "cpu_model": c.text("cpu_model"), "cores": c.integer("cores", minimum=1), "measured_at": c.text("measured_at"),
+            "perfsim_version": c.text("perfsim_version"), "calibration_version": c.integer("calibration_version", minimum=1),
+            "seconds": c.number("seconds", minimum=0),
+        }
+        c.done()
     device = Device(
         name=name,
         display_name=top.text("display_name"),
@@ -184,6 +222,7 @@ def device_from_data(data, where: str) -> Device:
         sources=sources,
         notes=top.text("notes", required=False, default=""),
         path=where,
+        calibration=calibration,
     )
     top.done()
     _check_sources(top, data, sources)

@@ -172,3 +172,49 @@ def format_measurement(m) -> str:
     rows = [[k, f"{1e3 * totals[k]:.3f}", f"{100 * totals[k] / total:.1f}%"] for k in order]
     lines.append(table(["op group", "ms/token", "share"], rows, "lrr"))
     return "\n".join(lines)
+
+
+def comparison_record(c) -> dict:
+    from perfsim.compare import coarse_groups
+    from perfsim.measure import measurement_record
+
+    record = run_record(c.measurement)
+    last = c.predictions[-1]
+    predicted = prediction_record(last)
+    predicted["decode_tokens_per_s"] = c.predicted_tokens_per_s  # averaged over the measured contexts
+    predicted["ms_per_token"] = c.predicted_ms_per_token
+    predicted_op_s = c.predicted_op_s()
+    for op in predicted["ops"]:
+        op["time_s"] = predicted_op_s[op["name"]]
+    record.update(
+        predicted=predicted,
+        measured=measurement_record(c.measurement),
+        error={
+            "definition": "(predicted - measured) / measured; tokens/s: positive = the model promised more speed than measured",
+            "decode_tokens_per_s": c.tokens_per_s_error,
+            "ops": [{"name": r["name"], "kind": r["kind"], "error": r["error"]} for r in c.op_rows()],
+            "groups": c.group_rows(),
+            "gemv_attention_rest": coarse_groups(c),
+        },
+        host_profile={"path": c.device.path, "calibration": c.device.calibration},
+    )
+    return record
+
+
+def format_comparison(c) -> str:
+    m = c.measurement
+    f = m.formats
+    lines = [
+        f"{m.model.name} on this host ({m.threads} threads): weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
+        f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}; prediction from {c.device.path}",
+        "",
+        f"                 predicted    measured    error",
+        f"tokens/s         {c.predicted_tokens_per_s:9.2f}   {m.decode_tokens_per_s:9.2f}   {100 * c.tokens_per_s_error:+6.1f}%",
+        f"ms/token         {c.predicted_ms_per_token:9.2f}   {m.ms_per_token:9.2f}",
+        "",
+    ]
+    rows = [[g["kind"], f"{1e3 * g['predicted_s']:.3f}", f"{1e3 * g['measured_s']:.3f}", f"{100 * g['error']:+.1f}%", g["bound"],
+             f"{100 * g['measured_memory_roof_fraction']:.0f}%"] for g in c.group_rows()]
+    lines.append(table(["op group", "predicted ms", "measured ms", "error", "bound (predicted)", "of memory roof (measured)"], rows, "lrrrlr"))
+    lines += ["", f"load {m.load_s:.1f} s, JIT warm-up {m.warmup_s:.2f} s, peak resident memory {m.peak_rss_bytes / GB:.2f} GB"]
+    return "\n".join(lines)

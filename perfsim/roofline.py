@@ -1,7 +1,8 @@
 """The roofline: pure functions from (ops, device unit, threads) to predicted times.
 
 Per op: time = max(FLOPs / achievable compute, bytes / achievable bandwidth) + the unit's fixed cost
-per op; the op is memory-, compute- or overhead-bound by whichever term is largest. On a CPU, compute
+per op (a calibrated host adds `overlap` x the smaller of the two, measured per kernel: how much of
+the compute fails to hide under the memory traffic); the op is memory-, compute- or overhead-bound by whichever term is largest. On a CPU, compute
 scales with threads but bandwidth saturates: one core streams `single_thread_bandwidth_gb_s`, all of
 them together at most `bandwidth_efficiency` x the memory peak (or a measured table, for the host).
 """
@@ -29,6 +30,7 @@ class Roofs:
     bandwidth_bytes_per_s: float
     flops_per_s: tuple  # achievable, ((precision, FLOP/s), ...) for f32, f16, int8
     overhead_s_per_op: float
+    kernels: tuple = ()  # calibrated hosts: ((kernel, FLOP/s, overlap, overhead s), ...), used before the above
 
     def flops(self, precision: str) -> float:
         return dict(self.flops_per_s)[precision]
@@ -63,7 +65,17 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
         bandwidth_gb_s = device.peak_bandwidth_gb_s * unit.bandwidth_efficiency
         share = 1.0
     flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
-    return Roofs(bandwidth_gb_s * BYTES_PER_GB, flops, unit.overhead_us_per_op * 1e-6)
+    kernels = tuple(
+        (kernel, r.gflops * 1e9, r.overlap, r.overhead_us * 1e-6)
+        for kernel, by_threads in unit.kernel_roofs.items()
+        if (r := by_threads.get(threads)) is not None
+    )
+    return Roofs(bandwidth_gb_s * BYTES_PER_GB, flops, unit.overhead_us_per_op * 1e-6, kernels)
+
+
+def _roofs_by_op(roofs: Roofs):
+    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s)})."""
+    return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, {k[0]: k[1:] for k in roofs.kernels}
 
 
 class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of them a second
@@ -77,29 +89,39 @@ class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of t
 
 def decode_time_s(ops: tuple, roofs: Roofs) -> float:
     """Sum of the op times of `op_times`, without building them (a sweep needs only the total)."""
-    flops_per_s = dict(roofs.flops_per_s)
-    bandwidth, overhead_per_op = roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op
+    flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
     total_s = 0.0
     for op in ops:
-        compute_s = op.flops / flops_per_s[op.precision]
+        if op.kernel in kernels:
+            op_flops_per_s, overlap, op_overhead = kernels[op.kernel]
+        else:
+            op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
+        compute_s = op.flops / op_flops_per_s
         memory_s = op.bytes / bandwidth
-        total_s += (compute_s if compute_s > memory_s else memory_s) + overhead_per_op * op.count
+        if compute_s > memory_s:
+            total_s += compute_s + overlap * memory_s + op_overhead * op.count
+        else:
+            total_s += memory_s + overlap * compute_s + op_overhead * op.count
     return total_s
 
 
 def op_times(ops: tuple, roofs: Roofs) -> tuple:
-    flops_per_s = dict(roofs.flops_per_s)
-    bandwidth, overhead_per_op = roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op
+    flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
     times = []
     for op in ops:
-        compute_s = op.flops / flops_per_s[op.precision]
+        if op.kernel in kernels:
+            op_flops_per_s, overlap, op_overhead = kernels[op.kernel]
+        else:
+            op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
+        compute_s = op.flops / op_flops_per_s
         memory_s = op.bytes / bandwidth
-        overhead_s = overhead_per_op * op.count
+        overhead_s = op_overhead * op.count
         if overhead_s > compute_s and overhead_s > memory_s:
             bound = OVERHEAD
         else:
             bound = COMPUTE if compute_s > memory_s else MEMORY
-        times.append(OpTime(op, compute_s, memory_s, overhead_s, (compute_s if compute_s > memory_s else memory_s) + overhead_s, bound))
+        roof_s = compute_s + overlap * memory_s if compute_s > memory_s else memory_s + overlap * compute_s
+        times.append(OpTime(op, compute_s, memory_s, overhead_s, roof_s + overhead_s, bound))
     return tuple(times)
 
 

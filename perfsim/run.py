@@ -1,26 +1,34 @@
-"""`perfsim run`: load or generate weights, check the options, measure decode on the host."""
+"""`perfsim run`: check the options, then load or generate weights and measure decode on the host.
+
+Checking comes first and is cheap, so a bad option fails before any calibration or allocation."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from perfsim.errors import UserError
 from perfsim.measure import Measurement, check_run, check_threads, measure_decode
-from perfsim.model import resolve_model
+from perfsim.model import ModelSpec, resolve_model
 from perfsim.quant import Formats, quant_format
 
 ENGINE_WEIGHT_FORMATS = ("q4_0", "q8_0", "f16", "f32")
+KV_CACHE_FORMATS = ("f16", "q8_0", "f32")
 
 
-def _silent(message: str) -> None:
-    pass
+@dataclass(frozen=True)
+class RunPlan:
+    gguf_path: str | None
+    model: ModelSpec | None  # None for a GGUF: its architecture is read when loading
+    weight_format: str
+    kv_cache: str
+    context: int
+    n_tokens: int
+    threads: int
+    seed: int
 
 
-def run_host(gguf_path=None, model_name=None, weights=None, kv_cache="f16", context=256, n_tokens=16, threads=None, seed=0,
-             progress=_silent) -> Measurement:
-    from perfsim.engine import KV_CACHE_FORMATS
-
-    progress = progress or _silent
+def plan_run(gguf_path=None, model_name=None, weights=None, kv_cache="f16", context=256, n_tokens=16, threads=None, seed=0) -> RunPlan:
     threads = check_threads(threads)
     if kv_cache not in KV_CACHE_FORMATS:
         raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHE_FORMATS)}, got {kv_cache!r}")
@@ -30,26 +38,36 @@ def run_host(gguf_path=None, model_name=None, weights=None, kv_cache="f16", cont
         from perfsim.gguf_io import read_phi3_gguf
 
         arch = read_phi3_gguf(gguf_path).arch  # validates the file before anything large is allocated
-        context_limit, name = arch.n_ctx, gguf_path
-        if context > context_limit:
-            raise UserError(f"context of {context} tokens is longer than {gguf_path}'s limit of {context_limit} tokens")
-    else:
-        model = resolve_model(model_name or "phi-3-mini")
-        weight_format = quant_format(weights or "q4_0")
-        if weight_format.name not in ENGINE_WEIGHT_FORMATS:
-            raise UserError(f"the engine runs {', '.join(ENGINE_WEIGHT_FORMATS)} weights, not {weight_format.name}")
-        check_run(model, Formats(weights=weight_format, kv_cache=quant_format(kv_cache)), context, n_tokens)
+        if context > arch.n_ctx:
+            raise UserError(f"context of {context} tokens is longer than {gguf_path}'s limit of {arch.n_ctx} tokens")
+        if n_tokens > context:
+            raise UserError(f"--tokens ({n_tokens}) cannot exceed --context ({context}): the measured tokens end at the context")
+        return RunPlan(gguf_path, None, "", kv_cache, context, n_tokens, threads, seed)
+    model = resolve_model(model_name or "phi-3-mini")
+    weight_format = quant_format(weights or "q4_0")
+    if weight_format.name not in ENGINE_WEIGHT_FORMATS:
+        raise UserError(f"the engine runs {', '.join(ENGINE_WEIGHT_FORMATS)} weights, not {weight_format.name}")
+    check_run(model, Formats(weights=weight_format, kv_cache=quant_format(kv_cache)), context, n_tokens)
+    return RunPlan(None, model, weight_format.name, kv_cache, context, n_tokens, threads, seed)
 
+
+def execute(plan: RunPlan, progress=None) -> Measurement:
     from perfsim.engine import Engine  # imports the kernels (and, on first call, Numba)
 
+    say = progress or (lambda message: None)
     start = time.perf_counter()
-    if gguf_path is not None:
-        progress(f"mapping {name} and repacking its matrices ...")
-        engine = Engine.from_gguf(gguf_path, kv_cache)
-        check_run(engine.model, engine.formats, context, n_tokens)
+    if plan.gguf_path is not None:
+        say(f"mapping {plan.gguf_path} and repacking its matrices ...")
+        engine = Engine.from_gguf(plan.gguf_path, plan.kv_cache)
+        check_run(engine.model, engine.formats, plan.context, plan.n_tokens)
     else:
-        progress(f"generating random {weight_format.name} weights for {model.name} (seed {seed}) ...")
-        engine = Engine.random(model, weight_format.name, kv_cache, seed)
+        say(f"generating random {plan.weight_format} weights for {plan.model.name} (seed {plan.seed}) ...")
+        engine = Engine.random(plan.model, plan.weight_format, plan.kv_cache, plan.seed)
     load_s = time.perf_counter() - start
-    progress(f"decoding {n_tokens} tokens up to context {context} with {threads} threads ...")
-    return measure_decode(engine, context, n_tokens, threads, load_s, seed)
+    say(f"decoding {plan.n_tokens} tokens up to context {plan.context} with {plan.threads} threads ...")
+    return measure_decode(engine, plan.context, plan.n_tokens, plan.threads, load_s, plan.seed)
+
+
+def run_host(gguf_path=None, model_name=None, weights=None, kv_cache="f16", context=256, n_tokens=16, threads=None, seed=0,
+             progress=None) -> Measurement:
+    return execute(plan_run(gguf_path, model_name, weights, kv_cache, context, n_tokens, threads, seed), progress)

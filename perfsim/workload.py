@@ -33,6 +33,7 @@ class Op:
     cost: Cost  # of ONE execution
     precision: str  # math precision of its FLOPs: "int8" (integer dot products), "f16" or "f32"
     count: int = 1  # executions per token (n_layers for layer ops)
+    kernel: str = ""  # the kernel that runs it, e.g. "gemv.q4_0": a calibrated host profile has roofs per kernel
     # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
     flops: float = field(init=False)
     bytes: int = field(init=False)
@@ -73,28 +74,29 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
     gemv_precision = math_precision(w)
     matrices = model.layer_matrices()
 
+    kv, gemv_kernel = formats.kv_cache.name, f"gemv.{w.name}"
+
     def layer_gemv(name):
         rows, cols = matrices[name]
-        return Op(name, GEMV, gemv_cost(rows, cols, w), gemv_precision, L)
+        return Op(name, GEMV, gemv_cost(rows, cols, w), gemv_precision, L, gemv_kernel)
 
-    norm = Op("attn_norm", NORM, rmsnorm_cost(d), "f32", L)
     return (
-        Op("token_embd", EMBEDDING, embedding_cost(d, w), "f32"),
-        norm,
+        Op("token_embd", EMBEDDING, embedding_cost(d, w), "f32", 1, f"embedding.{w.name}"),
+        Op("attn_norm", NORM, rmsnorm_cost(d), "f32", L, "rmsnorm"),
         layer_gemv("attn_qkv"),
-        Op("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), "f32", L),
-        Op("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), "f32", L),
-        Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache), "f32", L),
+        Op("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), "f32", L, "rope"),
+        Op("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), "f32", L, f"kv_append.{kv}"),
+        Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache), "f32", L, f"attention.{kv}"),
         layer_gemv("attn_output"),
-        Op("attn_residual", RESIDUAL, residual_add_cost(d), "f32", L),
-        Op("ffn_norm", NORM, rmsnorm_cost(d), "f32", L),
+        Op("attn_residual", RESIDUAL, residual_add_cost(d), "f32", L, "residual_add"),
+        Op("ffn_norm", NORM, rmsnorm_cost(d), "f32", L, "rmsnorm"),
         layer_gemv("ffn_gate_up"),
-        Op("ffn_act", ACTIVATION, silu_mul_cost(model.intermediate_size), "f32", L),
+        Op("ffn_act", ACTIVATION, silu_mul_cost(model.intermediate_size), "f32", L, "silu_mul"),
         layer_gemv("ffn_down"),
-        Op("ffn_residual", RESIDUAL, residual_add_cost(d), "f32", L),
-        Op("output_norm", NORM, rmsnorm_cost(d), "f32"),
-        Op("lm_head", GEMV, gemv_cost(model.vocab_size, d, w), gemv_precision),
-        Op("argmax", SAMPLING, argmax_cost(model.vocab_size), "f32"),
+        Op("ffn_residual", RESIDUAL, residual_add_cost(d), "f32", L, "residual_add"),
+        Op("output_norm", NORM, rmsnorm_cost(d), "f32", 1, "rmsnorm"),
+        Op("lm_head", GEMV, gemv_cost(model.vocab_size, d, w), gemv_precision, 1, gemv_kernel),
+        Op("argmax", SAMPLING, argmax_cost(model.vocab_size), "f32", 1, "argmax"),
     )
 
 

@@ -131,7 +131,7 @@ def test_attention_matches_reference(heads, head_dim, n_positions, kv_format, se
     cache = filled(n_kv_heads, head_dim, n_positions, kv_format, seed)
     q = (2 * np.random.default_rng(seed).standard_normal((n_heads, head_dim))).astype(np.float32)
     expected = at.attention_reference(q, *at.dequantize_kv(cache, 1, n_positions))
-    np.testing.assert_allclose(run_attention(q, cache, 1, n_positions), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_attention(q, cache, 1, n_positions), expected, rtol=at.ATTENTION_RTOL, atol=at.ATTENTION_ATOL)
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
@@ -141,7 +141,7 @@ def test_attention_at_phi3_head_shapes(heads, kv_format):
     cache = filled(n_kv_heads, head_dim, 203, kv_format, seed=7)
     q = (3 * np.random.default_rng(7).standard_normal((n_heads, head_dim))).astype(np.float32)
     expected = at.attention_reference(q, *at.dequantize_kv(cache, 1, 203))
-    np.testing.assert_allclose(run_attention(q, cache, 1, 203), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_attention(q, cache, 1, 203), expected, rtol=at.ATTENTION_RTOL, atol=at.ATTENTION_ATOL)
 
 
 def test_gqa_head_h_reads_kv_head_h_over_group():
@@ -166,7 +166,7 @@ def test_attention_reads_nothing_past_n_positions(kv_format):
         at.kv_append(cache, 0, pos, *poison)
     q = np.random.default_rng(3).standard_normal((n_heads, head_dim)).astype(np.float32)
     expected = at.attention_reference(q, *at.dequantize_kv(cache, 0, n))
-    np.testing.assert_allclose(run_attention(q, cache, 0, n), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_attention(q, cache, 0, n), expected, rtol=at.ATTENTION_RTOL, atol=at.ATTENTION_ATOL)
 
 
 def test_attention_with_scores_far_apart_is_stable():
