@@ -27,7 +27,7 @@ st.plotly_chart(figure, key="roofline")
 for reason in refused:
     st.warning(f"Left out: {reason}")
 st.caption("Lines: achievable roofs (memory slope = achievable bandwidth; flat = peak TFLOP/s x compute efficiency; "
-           "solid f32, dashed f16, dotted int8). Points: decode ops at each device's default unit, "
+           "solid f32, dashed f16, dotted int8; a precision a unit does not list runs on the next one's roof). Points: decode ops at each device's default unit, "
            "y = FLOPs / predicted time (overhead included). Circle: memory-bound, square: compute-bound, x: overhead-bound."
            + (" Diamonds: the host profile's predicted (open) and measured (filled) ops." if host_record else ""))
 with st.expander("Op points"):

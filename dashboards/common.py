@@ -4,7 +4,7 @@ costs a cache lookup)."""
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import importlib.util
 import json
 
@@ -119,8 +119,15 @@ def parse_device(where: str, contents: bytes) -> Device:
 
 
 def chosen_devices(device_names, uploaded: tuple[str, bytes] | None) -> list[Device]:
+    """The named built-in profiles, then the uploaded one (renamed if it shares a built-in's name, so
+    the charts can tell them apart)."""
     devices = [builtin_devices()[name] for name in device_names]
-    return devices + ([parse_device(*uploaded)] if uploaded else [])
+    if uploaded:
+        device = parse_device(*uploaded)
+        if device.name in builtin_devices():
+            device = dataclasses.replace(device, name=f"{device.name} (uploaded)")
+        devices.append(device)
+    return devices
 
 
 def host_profile_source() -> tuple[str, bytes] | None:
@@ -167,7 +174,7 @@ def roofline_view(model_name: str, weights: str, kv_cache: str, context: int, de
 @st.cache_data(max_entries=64, show_spinner=False)
 def devices_view(model_name: str, weights: str, kv_cache: str, context: int, uploaded, all_units: bool):
     model, formats = get_model(model_name), viz.formats_from_names(weights, kv_cache)
-    devices = list(builtin_devices().values()) + ([parse_device(*uploaded)] if uploaded else [])
+    devices = chosen_devices(list(builtin_devices()), uploaded)
     preds, refused = viz.predictions(model, formats, context, devices, all_units=all_units)
     config = viz.configuration_title(model, formats, context)
     return (viz.device_rows(preds), refused, viz.devices_speed_figure(preds, title=f"Decode speed and time to first token: {config}"),
@@ -192,31 +199,30 @@ def host_figure(where: str, text: bytes):
     return viz.host_comparison_figure(record, title=f"Host predicted vs measured: {viz.host_config_text(record)}")
 
 
-def _optional(module_name: str, function_name: str):
-    """A function of a perfsim module that may not exist in this version, or None."""
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return getattr(importlib.import_module(module_name), function_name, None)
+MEASURING_MODULES = ("perfsim.calibrate", "perfsim.run", "perfsim.compare")
 
 
 def measure_host_panel(model: ModelSpec, formats: Formats, context: int) -> None:
-    """Buttons that calibrate the host and run a measured decode (perfsim.calibrate, perfsim.profiling);
-    the measured profile is saved at the default path, where the Roofline page finds it too."""
-    if importlib.util.find_spec("perfsim.calibrate") is None or importlib.util.find_spec("perfsim.profiling") is None:
+    """Buttons that calibrate the host and run a real decode of the sidebar's configuration, as
+    `perfsim calibrate` and `perfsim profile --device host --json` do; the record is saved at the
+    default path, where the Roofline page finds it too."""
+    if any(importlib.util.find_spec(name) is None for name in MEASURING_MODULES):
         st.info("Calibration and measured decode are not available in this version of perfsim.")
         return
-    if st.button("Calibrate this machine", key="calibrate"):
+    from perfsim import calibrate  # imported here: it brings NumPy kernels the other pages never need
+
+    if st.button("Calibrate this machine", key="calibrate", help="microbenchmarks of the kernels, under a minute"):
         bar = st.progress(0.0, text="calibrating")
-
-        def progress(done, total=None, message=""):
-            fraction = done / total if total else done
-            bar.progress(min(max(float(fraction), 0.0), 1.0), text=message or "calibrating")
-
-        _optional("perfsim.calibrate", "calibrate_host")(progress=progress)
-        bar.progress(1.0, text="calibrated")
-    if st.button("Run a measured decode", key="measure"):
-        with st.spinner(f"decoding {model.name} on this machine"):
-            record = _optional("perfsim.profiling", "profile_host")(model=model, formats=formats, context=context)
+        device = calibrate.calibrate_host(progress=lambda done, total, what: bar.progress(done / max(total, 1), text=what))
+        st.success(f"Calibrated in {device.calibration['seconds']:.0f} s: {device.display_name}")
+    if st.button("Run a measured decode", key="measure", help=f"{model.name}, random {formats.weights.name} weights"):
+        try:
+            with st.status(f"Decoding {model.name} on this machine", expanded=True) as status:
+                record = measured_host_record(model, formats, context, status.write)
+                status.update(label="Measured", state="complete")
+        except UserError as e:
+            st.error(str(e))
+            return
         text = json.dumps(record, indent=2).encode()
         path = viz.default_host_profile_path()
         try:
@@ -224,3 +230,15 @@ def measure_host_panel(model: ModelSpec, formats: Formats, context: int) -> None
         except OSError as e:
             st.warning(f"Measured, but not saved at {path}: {e}")
         st.session_state[HOST_WHERE], st.session_state[HOST_TEXT] = str(path), text
+
+
+def measured_host_record(model: ModelSpec, formats: Formats, context: int, say) -> dict:
+    """The record of `perfsim profile --device host --json` for this configuration (random weights)."""
+    from perfsim.calibrate import load_host_profile
+    from perfsim.compare import compare
+    from perfsim.report import comparison_record
+    from perfsim.run import execute, plan_run
+
+    plan = plan_run(model_name=model.name, weights=formats.weights.name, kv_cache=formats.kv_cache.name, context=context)
+    device = load_host_profile(message=say)
+    return comparison_record(compare(device, execute(plan, progress=say)))

@@ -636,8 +636,11 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7) -> None:
 
     q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)
     out = np.empty_like(q)
+    import numba
+
     print(f"Phi-3 Mini attention, one layer ({n_heads} heads, {n_kv_heads} kv heads, head_dim {head_dim}), sweeps over "
-          f"{n_layers} layers; streaming = one {stream_data.nbytes >> 20} MiB pass of kernels/stream.py just before; medians of {rounds} rounds")
+          f"{n_layers} layers; streaming = one {stream_data.nbytes >> 20} MiB pass of kernels/stream.py just before; medians of {rounds} rounds; "
+          f"Numba threading layer {numba.threading_layer()}")
     for kv_format in formats:
         cache = _benchmark_cache(n_layers, n_kv_heads, max(contexts), head_dim, kv_format)
         for n_threads in sorted({1, min(2, max_threads())}):

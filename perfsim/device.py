@@ -233,18 +233,21 @@ def load_device_file(path: str | Path) -> Device:
     return device_from_data(load_yaml(Path(path)), str(path))
 
 
+@cache
 def _packaged_profiles() -> dict[str, Path]:
     folder = resources.files("perfsim.devices")
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+    return dict(sorted((Path(p.name).stem, Path(str(p))) for p in folder.iterdir() if p.name.endswith(".yaml")))
 
 
 @cache
 def builtin_devices() -> dict[str, Device]:
-    return {name: load_device_file(path) for name, path in sorted(_packaged_profiles().items())}
+    return {name: get_device(name) for name in _packaged_profiles()}
 
 
+@cache
 def get_device(name: str) -> Device:
-    devices = builtin_devices()
-    if name not in devices:
-        raise UserError(f"unknown device {name!r}; known devices: {', '.join(devices)} (or --device-file PATH)")
-    return devices[name]
+    """A shipped profile by name; only that file is read."""
+    profiles = _packaged_profiles()
+    if name not in profiles:
+        raise UserError(f"unknown device {name!r}; known devices: {', '.join(profiles)}, host (or --device-file PATH)")
+    return load_device_file(profiles[name])

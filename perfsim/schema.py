@@ -87,10 +87,15 @@ class Fields:
             self.fail(str(unknown[0]), f"unknown key; expected one of: {known}")
 
 
+# libyaml's safe loader when PyYAML was built with it: ~10x faster than the pure-Python one (a profile
+# loads in ~2 ms instead of ~25), and just as safe (no tags that build Python objects).
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: Path):
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_SAFE_LOADER)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:

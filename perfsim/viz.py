@@ -173,7 +173,8 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
     predicted and measured points."""
     point_sets = [(f"{label(p)} ops", op_points(p)) for p in preds]
     if host_record is not None:
-        point_sets += [(f"host {which}", host_op_points(host_record, which)) for which in ("predicted", "measured")]
+        config = host_short_config(host_record)
+        point_sets += [(f"host {which} ({config})", host_op_points(host_record, which)) for which in ("predicted", "measured")]
     roofs, drawn = [], set()
     for p in preds:
         for unit_name in (p.device.units if all_units else [p.unit.name]):
@@ -200,7 +201,7 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
         ))
     for (name, pts), p in zip(point_sets, preds + [None, None]):
         if p is None:  # the host's points: black diamonds, open for predicted, filled for measured
-            fig.add_trace(_points_trace(pts, name, "black", "diamond-open" if name.endswith("predicted") else "diamond"))
+            fig.add_trace(_points_trace(pts, name, "black", "diamond-open" if name.startswith("host predicted") else "diamond"))
             continue
         for bound, symbol in BOUND_SYMBOL.items():  # a trace per bound, so the legend explains the symbols
             bound_pts = [pt for pt in pts if pt["bound"] == bound]
@@ -211,7 +212,7 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
         title=title or "Roofline",
         xaxis={"type": "log", "title": "arithmetic intensity (FLOP/byte)", "range": x_range},
         yaxis={"type": "log", "title": "achieved FLOP/s", "exponentformat": "SI", "range": _log_range(flops_values or [1e9, 1e12], 3.0)},
-        legend={"font": {"size": 11}}, margin={"t": 60}, height=560,
+        legend={"font": {"size": 11}}, margin={"t": 60}, height=max(560, 22 * len(fig.data) + 120),  # room for the legend
     )
     return fig
 
@@ -440,12 +441,12 @@ def host_group_rows(record: dict) -> list[dict]:
         "op group": kind,
         "predicted ms/token": 1e3 * predicted_s.get(kind, 0.0),
         "measured ms/token": 1e3 * measured_s.get(kind, 0.0),
-        "error": signed_error(predicted_s.get(kind, 0.0), measured_s.get(kind, 0.0)),
+        "time error %": 100 * signed_error(predicted_s.get(kind, 0.0), measured_s.get(kind, 0.0)),
         "predicted bound": bound.get(kind, ""),
     } for kind in kinds]
     total_predicted, total_measured = sum(predicted_s.values()), sum(measured_s.values())
     rows.append({"op group": "total", "predicted ms/token": 1e3 * total_predicted, "measured ms/token": 1e3 * total_measured,
-                 "error": signed_error(total_predicted, total_measured), "predicted bound": ""})
+                 "time error %": 100 * signed_error(total_predicted, total_measured), "predicted bound": ""})
     return rows
 
 
@@ -455,6 +456,11 @@ def host_config_text(record: dict) -> str:
     return f"{record['model']} on {record['device']}: {parts}; context {record['context']} tokens (perfsim {record['perfsim_version']})"
 
 
+def host_short_config(record: dict) -> str:
+    quant = record["quant"] if isinstance(record["quant"], dict) else {"weights": record["quant"]}
+    return f"{record['model']} {quant.get('weights', '')}, context {record['context']}"
+
+
 def host_comparison_figure(record: dict, title: str | None = None) -> go.Figure:
     rows = [r for r in host_group_rows(record) if r["op group"] != "total"]
     groups = [r["op group"] for r in rows]
@@ -462,7 +468,7 @@ def host_comparison_figure(record: dict, title: str | None = None) -> go.Figure:
     fig.add_trace(go.Bar(x=groups, y=[r["predicted ms/token"] for r in rows], name="predicted", marker_color=COLORS[0],
                          hovertemplate="%{x}: %{y:.3f} ms/token predicted<extra></extra>"))
     fig.add_trace(go.Bar(x=groups, y=[r["measured ms/token"] for r in rows], name="measured", marker_color=COLORS[1],
-                         text=[f"{100 * r['error']:+.0f}%" for r in rows], textposition="outside",
+                         text=[f"{r['time error %']:+.0f}%" for r in rows], textposition="outside",
                          hovertemplate="%{x}: %{y:.3f} ms/token measured<extra></extra>"))
     fig.update_layout(title=title or "Host: predicted vs measured per op group", barmode="group", yaxis_title="ms/token",
                       height=440, annotations=[{"text": "labels: (predicted - measured) / measured time", "xref": "paper", "yref": "paper",
@@ -471,11 +477,11 @@ def host_comparison_figure(record: dict, title: str | None = None) -> go.Figure:
 
 
 def default_host_profile_path() -> Path:
-    """Where the dashboard keeps the last host profile JSON (PERFSIM_HOST_PROFILE overrides)."""
+    """Where the dashboard keeps the last measured host profile JSON: beside the calibrated host.yaml
+    (PERFSIM_CACHE_DIR, default ~/.cache/perfsim); PERFSIM_HOST_PROFILE names another file."""
     if os.environ.get("PERFSIM_HOST_PROFILE"):
         return Path(os.environ["PERFSIM_HOST_PROFILE"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "perfsim" / "host-profile.json"
+    return Path(os.environ.get("PERFSIM_CACHE_DIR") or Path.home() / ".cache" / "perfsim") / "host-profile.json"
 
 
 # --- the standalone HTML report -------------------------------------------------------------------
@@ -551,6 +557,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a report from the other users of a shared machine
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

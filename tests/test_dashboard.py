@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -17,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 import perfsim
 from perfsim import viz
-from perfsim.dashboards import MAIN_PAGE, PAGE_FILES
+from perfsim.dashboards import MAIN_PAGE, PAGE_FILES, common
 from perfsim.device import builtin_devices, get_device
 from perfsim.errors import UserError
 from perfsim.model import get_model
@@ -170,6 +172,14 @@ def test_roofline_uploaded_device_is_drawn_beside_the_chosen_ones():
     assert mine_f32["y"][0] / mine_f32["x"][0] == pytest.approx(2 * a16_f32["y"][0] / a16_f32["x"][0])  # twice the bandwidth
 
 
+def test_roofline_uploaded_device_with_a_built_in_name_is_told_apart():
+    at = page("Roofline").run()
+    at.file_uploader(key="device_yaml").set_value(("my-a16.yaml", A16_YAML.encode(), "application/x-yaml"))
+    at.run()
+    [chart] = charts(at)
+    assert traces(chart, "a16 gpu f32 roof") and traces(chart, "a16 (uploaded) gpu f32 roof")
+
+
 def test_roofline_uploaded_file_that_is_not_yaml_shows_the_parse_error():
     at = page("Roofline").run()
     at.file_uploader(key="device_yaml").set_value(("broken.yaml", b"name: [unclosed\n", "application/x-yaml"))
@@ -185,8 +195,8 @@ def test_roofline_places_the_host_profile_measured_ops(tmp_path, monkeypatch):
     monkeypatch.setenv("PERFSIM_HOST_PROFILE", str(path))
     at = page("Roofline").run()
     [chart] = charts(at)
-    [measured] = traces(chart, "host measured")
-    [predicted] = traces(chart, "host predicted")
+    [measured] = traces(chart, "host measured (phi-3-mini q4_0, context 256)")
+    [predicted] = traces(chart, "host predicted (phi-3-mini q4_0, context 256)")
     times = {op["name"]: op["time_s"] for op in record["measured"]["ops"]}
     flops = {op["name"]: op["flops"] for op in record["predicted"]["ops"]}
     assert {c[0]: y for c, y in zip(measured["customdata"], measured["y"])} == pytest.approx(
@@ -316,7 +326,7 @@ def test_host_page_shows_predicted_vs_measured_per_op_group():
         predicted_ms = 1e3 * sum(op["time_s"] for op in record["predicted"]["ops"] if op["kind"] == kind)
         assert table.loc[kind, "predicted ms/token"] == pytest.approx(predicted_ms)
         assert table.loc[kind, "measured ms/token"] == pytest.approx(slowdown * predicted_ms)
-        assert table.loc[kind, "error"] == pytest.approx((1 - slowdown) / slowdown)  # (predicted - measured) / measured
+        assert table.loc[kind, "time error %"] == pytest.approx(100 * (1 - slowdown) / slowdown)  # (predicted - measured) / measured
     assert table.loc["total", "measured ms/token"] == pytest.approx(record["measured"]["ms_per_token"])
     [chart] = charts(at)
     assert [t["name"] for t in chart["data"]] == ["predicted", "measured"]
@@ -350,12 +360,43 @@ def test_host_page_refuses_text_that_is_not_json():
 
 def test_host_page_measuring_is_offered_only_when_perfsim_can_measure():
     at = page("Host profile").run()
-    can_measure = importlib.util.find_spec("perfsim.calibrate") and importlib.util.find_spec("perfsim.profiling")
-    if can_measure:
-        assert {b.key for b in at.button} >= {"calibrate", "measure"}
+    if all(importlib.util.find_spec(name) for name in common.MEASURING_MODULES):
+        assert {b.key for b in at.button} == {"calibrate", "measure"}
     else:
         assert any("not available in this version" in info.value for info in at.info)
     assert any("No host profile yet" in info.value for info in at.info)
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in common.MEASURING_MODULES), reason="this perfsim cannot measure")
+def test_host_page_buttons_calibrate_then_measure_and_show_the_result(monkeypatch, tmp_path):
+    """The page's wiring, with perfsim's measuring functions replaced by fakes (the real ones take a
+    minute and are tested with the CLI): progress reaches the bar, the record is saved and shown."""
+    from perfsim import calibrate, compare, report, run
+
+    calls = []
+
+    def fake_calibrate_host(progress=None):
+        for done in range(3):
+            progress(done, 2, f"step {done}")
+        calls.append("calibrate")
+        return SimpleNamespace(calibration={"seconds": 42.0}, display_name="Fake CPU (this host, calibrated)")
+
+    record = host_profile_record()
+    monkeypatch.setattr(calibrate, "calibrate_host", fake_calibrate_host)
+    monkeypatch.setattr(calibrate, "load_host_profile", lambda message=None: "host device")
+    monkeypatch.setattr(run, "plan_run", lambda **plan: calls.append(plan) or "plan")
+    monkeypatch.setattr(run, "execute", lambda plan, progress=None: "measurement")
+    monkeypatch.setattr(compare, "compare", lambda device, measurement: (device, measurement))
+    monkeypatch.setattr(report, "comparison_record", lambda comparison: record if comparison == ("host device", "measurement") else None)
+    at = page("Host profile").run()
+    at.button(key="calibrate").click().run()
+    assert calls == ["calibrate"] and "Calibrated in 42 s" in at.success[0].value
+    at.number_input(key="context").set_value(512)
+    at.button(key="measure").click().run()
+    assert not at.exception and not at.error
+    assert calls[1] == {"model_name": "phi-3-mini", "weights": "q4_0", "kv_cache": "f16", "context": 512}
+    assert json.loads(Path(os.environ["PERFSIM_HOST_PROFILE"]).read_text()) == record  # saved for the Roofline page
+    assert at.metric[1].value == f"{record['measured']['decode_tokens_per_s']:.2f}"
 
 
 # --- speed path and the HTML report -----------------------------------------------------------------

@@ -183,13 +183,19 @@ class Tab:
         (ARTIFACTS / f"{name}.png").write_bytes(picture)
 
     def type_into_number_input(self, text: str) -> None:
-        """Replace the page's (first) number input with `text` and press Enter, as a user would."""
-        self.evaluate("(() => { const i = document.querySelector('input[type=number]'); i.focus(); i.select(); })()")
-        self.browser.call("Input.insertText", self.session, text=text)
-        typed = self.evaluate("document.querySelector('input[type=number]').value")
-        if typed != text:
-            self.screenshot("failed-typing")
-            pytest.fail(f"typed {text!r}, the input holds {typed!r}; page: {self.evaluate('document.body.innerText')[:800]!r}")
+        """Replace the page's (first) number input with `text` and press Enter, as a user would. Streamlit
+        may redraw the sidebar just after the first run; retry until the input holds what was typed."""
+        deadline = time.monotonic() + 10
+        while True:
+            self.evaluate("(() => { const i = document.querySelector('input[type=number]'); i.focus(); i.select(); })()")
+            self.browser.call("Input.insertText", self.session, text=text)
+            typed = self.evaluate("(document.querySelector('input[type=number]') || {}).value")
+            if typed == text:
+                break
+            if time.monotonic() > deadline:
+                self.screenshot("failed-typing")
+                pytest.fail(f"typed {text!r}, the input holds {typed!r}")
+            time.sleep(0.2)
         for kind in ("keyDown", "keyUp"):
             self.browser.call("Input.dispatchKeyEvent", self.session, type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
 

@@ -4,6 +4,7 @@ import streamlit as st
 
 from perfsim import viz
 from perfsim.dashboards import common
+from perfsim.errors import UserError
 
 st.set_page_config(page_title="Host profile · perfsim", layout="wide")
 common.init_state()
@@ -16,7 +17,7 @@ uploaded = st.sidebar.file_uploader("Host profile JSON", type=["json"], key="hos
 if uploaded is not None:
     try:
         common.parse_host_profile(uploaded.name, uploaded.getvalue())
-    except common.UserError as e:
+    except UserError as e:
         st.error(f"Host profile refused: {e}")
         st.stop()
     st.session_state[common.HOST_WHERE], st.session_state[common.HOST_TEXT] = uploaded.name, uploaded.getvalue()
@@ -45,5 +46,5 @@ st.subheader("Per op group")
 st.dataframe(viz.host_group_rows(record), hide_index=True, column_config={
     "predicted ms/token": st.column_config.NumberColumn(format="%.3f"),
     "measured ms/token": st.column_config.NumberColumn(format="%.3f"),
-    "error": st.column_config.NumberColumn(format="percent", help="(predicted - measured) / measured time"),
+    "time error %": st.column_config.NumberColumn(format="%+.1f", help="100 x (predicted - measured) / measured time"),
 })
