@@ -133,12 +133,39 @@ def cmd_profile(args) -> int:
         return cmd_profile_host(args)
     if args.gguf:
         raise UserError("--gguf is for --device host (a measured run); a prediction needs only --model and --weights")
-    from perfsim.report import format_profile, profile_record
+    from perfsim.report import format_profile, prediction_record, profile_record
     from perfsim.roofline import predict
 
-    prediction = predict(resolve_model(args.model), _formats(args), _device(args), args.context, args.prompt, args.unit, args.threads)
-    print(json.dumps(profile_record(prediction), indent=2) if args.json else format_profile(prediction))
+    device = _device(args)
+    prediction = predict(resolve_model(args.model), _formats(args), device, args.context, args.prompt, args.unit, args.threads)
+    projected = _projection(prediction, args)
+    record = profile_record(prediction)
+    if projected is not None:
+        record["projected_with_host_efficiencies"] = prediction_record(projected)
+    print(json.dumps(record, indent=2) if args.json else format_profile(prediction, projected))
     return 0
+
+
+def _projection(prediction, args):
+    """The prediction again with this host's measured kernel efficiencies, if a host profile exists
+    (never calibrates: a prediction must stay instant) and the unit is of the host's kind."""
+    from perfsim.calibrate import host_profile_path
+    from perfsim.device import load_device_file
+    from perfsim.projection import carry_over
+    from perfsim.roofline import predict
+
+    path = host_profile_path()
+    if not path.exists():
+        return None
+    try:
+        host = load_device_file(path)
+    except UserError:
+        return None  # a corrupt cache is re-measured by --device host; a prediction just goes without
+    projected_device = carry_over(prediction.device, prediction.unit.name, host)
+    if projected_device is None:
+        return None
+    p = prediction
+    return predict(p.model, p.formats, projected_device, p.context, p.prompt_tokens, p.unit.name, p.threads)
 
 
 def cmd_run(args) -> int:

@@ -100,7 +100,7 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
 
 
-def format_profile(p: Prediction) -> str:
+def format_profile(p: Prediction, projected: Prediction | None = None) -> str:
     f = p.formats
     unit = f"{p.unit.name} unit" + (f", {p.threads} threads" if p.threads else "")
     m = p.memory
@@ -119,6 +119,9 @@ def format_profile(p: Prediction) -> str:
     groups = group_by_kind(p.ops)
     rows = [[g["kind"], f"{1e3 * g['time_s']:.3f}", f"{100 * g['share']:.1f}%", f"{g['bytes'] / 1e6:.1f}", f"{g['flops'] / 1e9:.2f}", g["bound"]] for g in groups]
     lines.append(table(["op group", "ms/token", "share", "MB/token", "GFLOP/token", "bound"], rows, "lrrrrl"))
+    if projected is not None:
+        lines += ["", f"with this host's measured kernel overheads and compute/memory overlap carried over: "
+                      f"{projected.decode_tokens_per_s:.2f} tokens/s ({projected.ms_per_token:.2f} ms/token)"]
     refs = reference_records(p)
     if refs:
         lines += ["", "published measurements for this device and model:"]
