@@ -296,7 +296,7 @@ def main() -> None:
         ("residual_add", lambda: residual_add(x, out), residual_add_cost(hidden)),
         ("argmax", lambda: argmax(logits), argmax_cost(vocab)),
     ]
-    print("Phi-3 Mini shapes, one thread, data in L1/L2; the time includes the ~0.3 us Numba call overhead")
+    print("Phi-3 Mini shapes, one thread, data in L1/L2; the time includes the Numba call overhead (0.5-1 us)")
     for name, run, cost in cases:
         time_s = _median_time_s(run)
         print(f"{name:13s} {time_s * 1e6:7.2f} us  {cost.bytes / 1e3:6.1f} KB  {cost.bytes / time_s / 1e9:6.1f} GB/s")

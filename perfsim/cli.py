@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("sweep", help="predicted and measured decode on this host over contexts and thread counts")
+    p.add_argument("--gguf", metavar="PATH", help="Phi-3 GGUF file (default: random weights)")
+    p.add_argument("--model", help="model preset for random weights (default phi-3-mini)")
+    p.add_argument("--weights", "--quant", dest="weights", help="weight format for random weights (default q4_0)")
+    p.add_argument("--kv-cache", default="f16", help="KV cache format (default f16)")
+    p.add_argument("--contexts", default="128,512,1024,2048,4096", help="comma-separated contexts (default 128,512,1024,2048,4096)")
+    p.add_argument("--threads", default=None, help="comma-separated thread counts (default 1..all cores)")
+    p.add_argument("--tokens", type=_positive_int, default=8, help="tokens timed per point (default 8)")
+    p.add_argument("--output", metavar="PATH", help="also write the records as JSON lines to PATH")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("calibrate", help="measure this host's roofs and write its profile (under a minute)")
     p.add_argument("--output", metavar="PATH", help="where to write the profile (default: the cache, used by --device host)")
     p.set_defaults(func=cmd_calibrate)
@@ -189,6 +201,30 @@ def progress_bar(done: int, total: int, what: str) -> None:
     filled = width * done // max(total, 1)
     end = "\n" if done >= total else ""
     print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<40}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_sweep(args) -> int:
+    from perfsim.calibrate import load_host_profile
+    from perfsim.measure import available_threads
+    from perfsim.report import table
+    from perfsim.sweep import parse_list, plan_sweep, run_sweep
+
+    contexts = parse_list(args.contexts, "contexts")
+    threads = parse_list(args.threads, "threads") if args.threads else list(range(1, available_threads() + 1))
+    plan_args = dict(gguf_path=args.gguf, model_name=None if args.gguf else args.model, weights=None if args.gguf else args.weights,
+                     kv_cache=args.kv_cache)
+    plan = plan_sweep(plan_args, contexts, threads, args.tokens)
+    device = load_host_profile(progress=progress_bar, message=_progress)
+    rows = []
+    for record in run_sweep(device, plan, contexts, threads, args.tokens, args.output, None if args.json else progress_bar):
+        if args.json:
+            print(json.dumps(record), flush=True)
+        g = record["groups"]
+        rows.append([record["threads"], record["context"], f"{record['predicted_tokens_per_s']:.2f}", f"{record['measured_tokens_per_s']:.2f}",
+                     f"{100 * record['error']:+.1f}%"] + [f"{100 * g[k]['error']:+.1f}%" if k in g else "" for k in ("gemv", "attention", "rest")])
+    if not args.json:
+        print(table(["threads", "context", "predicted tok/s", "measured tok/s", "error", "gemv", "attention", "rest"], rows, "rrrrrrrr"))
+    return 0
 
 
 def cmd_calibrate(args) -> int:

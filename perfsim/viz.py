@@ -212,7 +212,7 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
         title=title or "Roofline",
         xaxis={"type": "log", "title": "arithmetic intensity (FLOP/byte)", "range": x_range},
         yaxis={"type": "log", "title": "achieved FLOP/s", "exponentformat": "SI", "range": _log_range(flops_values or [1e9, 1e12], 3.0)},
-        legend={"font": {"size": 11}}, margin={"t": 60}, height=max(560, 26 * len(fig.data) + 120),  # room for the legend
+        legend={"font": {"size": 11}}, margin={"t": 60}, height=max(560, 30 * len(fig.data) + 160),  # room for the legend
     )
     return fig
 

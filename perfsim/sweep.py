@@ -1,0 +1,72 @@
+"""`perfsim sweep`: predicted and measured decode over contexts and thread counts, as JSON lines.
+
+The weights are made (or mapped) once; each point then decodes its own tokens at its own context."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from perfsim.compare import coarse_groups, compare
+from perfsim.errors import UserError
+from perfsim.measure import check_threads, measure_decode
+from perfsim.run import plan_run
+
+
+def parse_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{what} expects comma-separated whole numbers, got {text!r}") from None
+    if not values:
+        raise UserError(f"--{what} is empty")
+    return values
+
+
+def sweep_points(contexts: list[int], threads: list[int]) -> list[tuple[int, int]]:
+    return [(t, c) for t in threads for c in contexts]
+
+
+def plan_sweep(plan_args: dict, contexts: list[int], threads: list[int], n_tokens: int):
+    """Checks every point before anything runs; returns the plan of the longest context."""
+    for t in threads:
+        check_threads(t)
+    return [plan_run(context=c, n_tokens=n_tokens, threads=threads[0], **plan_args) for c in sorted(contexts)][-1]
+
+
+def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: int, output_path=None, progress=None):
+    """Yields one record per (threads, context) point; appends each as a JSON line to output_path."""
+    from perfsim.engine import Engine
+
+    if plan.gguf_path:
+        engine = Engine.from_gguf(plan.gguf_path, plan.kv_cache)
+    else:
+        engine = Engine.random(plan.model, plan.weight_format, plan.kv_cache, plan.seed)
+    points = sweep_points(contexts, threads)
+    out = open(output_path, "w", encoding="utf-8") if output_path else None
+    try:
+        for i, (t, c) in enumerate(points):
+            if progress:
+                progress(i, len(points), f"{t} threads, context {c}")
+            start = time.perf_counter()
+            measurement = measure_decode(engine, c, n_tokens, t)
+            comparison = compare(device, measurement)
+            groups = coarse_groups(comparison)
+            record = {
+                "model": engine.model.name, "weights": engine.formats.weights.name, "kv_cache": engine.formats.kv_cache.name,
+                "threads": t, "context": c, "tokens": n_tokens,
+                "predicted_tokens_per_s": comparison.predicted_tokens_per_s,
+                "measured_tokens_per_s": measurement.decode_tokens_per_s,
+                "error": comparison.tokens_per_s_error,
+                "groups": groups,
+                "seconds": time.perf_counter() - start,
+            }
+            if out:
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+            yield record
+        if progress:
+            progress(len(points), len(points), "done")
+    finally:
+        if out:
+            out.close()
