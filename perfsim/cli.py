@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="PATH", help="where to write the profile (default: the cache, used by --device host)")
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
+    p.add_argument("--port", type=_positive_int, default=8501, help="port to serve on (default 8501)")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("report", help="write the dashboard's figures as one standalone HTML file")
+    p.add_argument("--html", metavar="PATH", required=True, help="where to write the report")
+    _add_model_options(p)
+    p.add_argument("--host-json", metavar="PATH", help="a saved 'perfsim profile --device host --json' to add measured points")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("devices", help="list device profiles")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
@@ -237,6 +247,30 @@ def cmd_calibrate(args) -> int:
     unit = device.unit()
     bandwidths = ", ".join(f"{t} threads {bw:.1f} GB/s" for t, bw in unit.bandwidth_gb_s_by_threads.items())
     print(f"host profile written to {path} ({device.calibration['seconds']:.0f} s): read bandwidth {bandwidths}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    import subprocess
+
+    from perfsim.dashboards import MAIN_PAGE
+
+    print(f"perfsim dashboard: http://localhost:{args.port} (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "streamlit", "run", str(MAIN_PAGE), "--server.port", str(args.port),
+               "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    return subprocess.call(command)
+
+
+def cmd_report(args) -> int:
+    from perfsim.viz import write_html_report
+
+    from perfsim.model import resolve_model
+    from perfsim.workload import check_context
+
+    _formats(args)  # checks the format names
+    check_context(resolve_model(args.model), args.context)
+    path = write_html_report(args.html, args.model, args.weights, args.kv_cache, args.context, args.host_json)
+    print(f"report written to {path}")
     return 0
 
 

@@ -87,35 +87,32 @@ class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of t
     bound: str  # memory | compute | overhead
 
 
-def decode_time_s(ops: tuple, roofs: Roofs) -> float:
-    """Sum of the op times of `op_times`, without building them (a sweep needs only the total)."""
+def _op_terms(ops: tuple, roofs: Roofs):
+    """Per op: (op, compute_s, memory_s, overlap, overhead_s), the calibrated kernel's roofs when the
+    unit has them, else the unit's roofs for the op's precision."""
     flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
-    total_s = 0.0
     for op in ops:
         if op.kernel in kernels:
             op_flops_per_s, overlap, op_overhead = kernels[op.kernel]
         else:
             op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
-        compute_s = op.flops / op_flops_per_s
-        memory_s = op.bytes / bandwidth
+        yield op, op.flops / op_flops_per_s, op.bytes / bandwidth, overlap, op_overhead * op.count
+
+
+def decode_time_s(ops: tuple, roofs: Roofs) -> float:
+    """Sum of the op times of `op_times`, without building them (a sweep needs only the total)."""
+    total_s = 0.0
+    for _, compute_s, memory_s, overlap, overhead_s in _op_terms(ops, roofs):
         if compute_s > memory_s:
-            total_s += compute_s + overlap * memory_s + op_overhead * op.count
+            total_s += compute_s + overlap * memory_s + overhead_s
         else:
-            total_s += memory_s + overlap * compute_s + op_overhead * op.count
+            total_s += memory_s + overlap * compute_s + overhead_s
     return total_s
 
 
 def op_times(ops: tuple, roofs: Roofs) -> tuple:
-    flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
     times = []
-    for op in ops:
-        if op.kernel in kernels:
-            op_flops_per_s, overlap, op_overhead = kernels[op.kernel]
-        else:
-            op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
-        compute_s = op.flops / op_flops_per_s
-        memory_s = op.bytes / bandwidth
-        overhead_s = op_overhead * op.count
+    for op, compute_s, memory_s, overlap, overhead_s in _op_terms(ops, roofs):
         if overhead_s > compute_s and overhead_s > memory_s:
             bound = OVERHEAD
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -154,16 +155,13 @@ def _points_trace(points: list[dict], name: str, color: str, symbol: str) -> go.
         x=[pt["intensity_flops_per_byte"] for pt in points],
         y=[pt["achieved_flops_per_s"] for pt in points],
         mode="markers", name=name,
-        marker={"color": color, "size": 10, "line": {"width": 1, "color": "white"},
-                "symbol": symbol},
+        marker={"color": color, "size": 10, "line": {"width": 1, "color": "white"}, "symbol": symbol},
         customdata=[[pt["op"], pt["kind"], pt["count"], pt["flops"], pt["bytes"], 1e3 * pt["time_s"], pt["bound"]] for pt in points],
         hovertemplate=_POINT_HOVER,
     )
 
 
-def _log_range(values, pad: float = 2.0) -> list[float]:
-    import math
-
+def _log_range(values, pad: float) -> list[float]:
     return [math.log10(min(values) / pad), math.log10(max(values) * pad)]
 
 
@@ -171,21 +169,27 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
     """Log-log roofline: the roofs of each prediction's device (every unit, or the predicted one), and
     the decode ops as points at (FLOPs / byte, FLOPs / predicted time); a host record adds its
     predicted and measured points."""
-    point_sets = [(f"{label(p)} ops", op_points(p)) for p in preds]
-    if host_record is not None:
-        config = host_short_config(host_record)
-        point_sets += [(f"host {which} ({config})", host_op_points(host_record, which)) for which in ("predicted", "measured")]
     roofs, drawn = [], set()
     for p in preds:
         for unit_name in (p.device.units if all_units else [p.unit.name]):
             if (p.device.name, unit_name) not in drawn:
                 drawn.add((p.device.name, unit_name))
                 roofs += roof_rows(p.device, [unit_name], {p.unit.name: p.threads})
-    unit_keys = list(dict.fromkeys([(r["device"], r["unit"]) for r in roofs] + [(p.device.name, p.unit.name) for p in preds]))
+    unit_keys = dict.fromkeys([(r["device"], r["unit"]) for r in roofs] + [(p.device.name, p.unit.name) for p in preds])
     color_of = {key: COLORS[i % len(COLORS)] for i, key in enumerate(unit_keys)}
+    # (legend name, points, color, marker symbol): per prediction a trace per bound, so the legend
+    # explains the symbols; the host's in black, open diamonds predicted and filled ones measured.
+    point_traces = [
+        (f"{label(p)} ops, {bound}-bound", [pt for pt in op_points(p) if pt["bound"] == bound], color_of[(p.device.name, p.unit.name)], symbol)
+        for p in preds for bound, symbol in BOUND_SYMBOL.items()
+    ]
+    if host_record is not None:
+        point_traces += [(f"host {which} ({host_short_config(host_record)})", host_op_points(host_record, which), "black", symbol)
+                         for which, symbol in (("predicted", "diamond-open"), ("measured", "diamond"))]
+    point_traces = [t for t in point_traces if t[1]]
+    all_points = [pt for _, pts, _, _ in point_traces for pt in pts]
 
-    intensities = [pt["intensity_flops_per_byte"] for _, pts in point_sets for pt in pts] + [r["ridge_flops_per_byte"] for r in roofs]
-    x_range = _log_range(intensities or [0.1, 100], 4.0)
+    x_range = _log_range([pt["intensity_flops_per_byte"] for pt in all_points] + [r["ridge_flops_per_byte"] for r in roofs] or [0.1, 100], 4.0)
     x_lo, x_hi = 10 ** x_range[0], 10 ** x_range[1]
     fig = go.Figure()
     for r in roofs:
@@ -199,19 +203,13 @@ def roofline_figure(preds: list[Prediction], host_record: dict | None = None, al
                            + f"<br>memory roof {r['bandwidth_bytes_per_s'] / GB:.1f} GB/s<br>{r['precision']} roof "
                            f"{r['flops_per_s'] / 1e12:.3g} TFLOP/s<br>ridge {ridge:.3g} FLOP/byte<extra></extra>"),
         ))
-    for (name, pts), p in zip(point_sets, preds + [None, None]):
-        if p is None:  # the host's points: black diamonds, open for predicted, filled for measured
-            fig.add_trace(_points_trace(pts, name, "black", "diamond-open" if name.startswith("host predicted") else "diamond"))
-            continue
-        for bound, symbol in BOUND_SYMBOL.items():  # a trace per bound, so the legend explains the symbols
-            bound_pts = [pt for pt in pts if pt["bound"] == bound]
-            if bound_pts:
-                fig.add_trace(_points_trace(bound_pts, f"{name}, {bound}-bound", color_of[(p.device.name, p.unit.name)], symbol))
-    flops_values = [pt["achieved_flops_per_s"] for _, pts in point_sets for pt in pts] + [r["flops_per_s"] for r in roofs]
+    for name, pts, color, symbol in point_traces:
+        fig.add_trace(_points_trace(pts, name, color, symbol))
+    y_range = _log_range([pt["achieved_flops_per_s"] for pt in all_points] + [r["flops_per_s"] for r in roofs] or [1e9, 1e12], 3.0)
     fig.update_layout(
         title=title or "Roofline",
         xaxis={"type": "log", "title": "arithmetic intensity (FLOP/byte)", "range": x_range},
-        yaxis={"type": "log", "title": "achieved FLOP/s", "exponentformat": "SI", "range": _log_range(flops_values or [1e9, 1e12], 3.0)},
+        yaxis={"type": "log", "title": "achieved FLOP/s", "exponentformat": "SI", "range": y_range},
         legend={"font": {"size": 11}}, margin={"t": 60}, height=max(560, 30 * len(fig.data) + 160),  # room for the legend
     )
     return fig

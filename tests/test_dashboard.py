@@ -149,6 +149,16 @@ def test_roofline_ignores_query_parameters_it_cannot_use():
     assert at.selectbox(key="weights").value == "q4_0" and at.selectbox(key="model").value == "phi-3-mini"
 
 
+def test_context_is_clamped_to_a_newly_chosen_models_limit():
+    at = page("Roofline").run()
+    at.selectbox(key="model").set_value("phi-3-small").run()
+    at.number_input(key="context").set_value(8000).run()
+    at.selectbox(key="model").set_value("phi-3-mini").run()
+    assert not at.exception
+    assert at.number_input(key="context").value == MINI.max_context == 4096
+    assert charts(at)[0]["layout"]["title"]["text"].endswith("context 4,096 tokens")
+
+
 def test_roofline_uploaded_device_that_fails_validation_shows_the_message():
     at = page("Roofline").run()
     at.file_uploader(key="device_yaml").set_value(("my-phone.yaml", device_yaml(compute_efficiency=1.5), "application/x-yaml"))
