@@ -1,10 +1,13 @@
 """Benchmarks: commands that print figures (speed is measured here, never in timed unit tests).
 
   perfsim bench prediction   CLI latency of `perfsim profile --device a16` and 10,000 in-process predictions
+  perfsim bench decode       stream bandwidth, q4_0 GEMV and attention against it, whole-model decode,
+                             and llama.cpp on the same GGUF in the same run (when llama-cpp-python is installed)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import statistics
 import subprocess
@@ -60,4 +63,66 @@ def bench_prediction() -> None:
           f"({1e6 * sweep_s / n:.1f} us each)")
 
 
-SUITES = {"prediction": bench_prediction}
+def benchmark_gguf_path():
+    """A Phi-3 Mini Q4_0 GGUF with deterministic random weights, written once into perfsim's cache."""
+    from perfsim.calibrate import cache_dir
+    from perfsim.gguf_io import PHI3_MINI, write_random_phi3_gguf
+
+    path = cache_dir() / "phi3-mini-q4_0-random-seed0.gguf"
+    if not path.exists():
+        print(f"writing {path} (deterministic random weights, ~2.2 GB) ...", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        write_random_phi3_gguf(tmp, PHI3_MINI, "q4_0", seed=0)
+        tmp.rename(path)
+    return path
+
+
+def _llama_cpp_tokens_per_s(path, context: int, n_tokens: int, threads: int) -> float | None:
+    """llama.cpp's decode on the same GGUF: a prompt fills the cache to context - n_tokens, then
+    n_tokens single-token evals are timed (median), as perfsim's engine does."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import os
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context + 8, n_batch=512, n_threads=threads,
+                          n_threads_batch=os.cpu_count(), n_gpu_layers=0, use_mmap=True, verbose=False)
+    prompt = [1] + [300 + i % 30000 for i in range(max(context - n_tokens, 1) - 1)]
+    llm.eval(prompt)
+    token, times = 301, []
+    llm.eval([token])  # warm-up
+    for i in range(n_tokens):
+        start = time.perf_counter()
+        llm.eval([token + i])
+        times.append(time.perf_counter() - start)
+    del llm
+    return 1.0 / statistics.median(times)
+
+
+def bench_decode(contexts=(16, 512), n_tokens: int = 16) -> None:
+    from perfsim.engine import Engine
+    from perfsim.kernels import attention, gemv
+    from perfsim.measure import available_threads, measure_decode
+
+    threads = sorted({1, available_threads()})
+    gemv.main(format_names=("q4_0",), thread_counts=tuple(threads))
+    print()
+    attention.main(formats=("f16",), rounds=3)
+    print()
+    path = benchmark_gguf_path()
+    engine = Engine.from_gguf(path)
+    print(f"whole-model decode, {path.name}, median of {n_tokens} tokens ending at each context:")
+    print(f"{'threads':>7} {'context':>8} {'perfsim tok/s':>14} {'llama.cpp tok/s':>16} {'ratio':>7}")
+    for t in threads:
+        for context in contexts:
+            ours = measure_decode(engine, context, n_tokens, t).decode_tokens_per_s
+            theirs = _llama_cpp_tokens_per_s(path, context, n_tokens, t)
+            ratio = f"{ours / theirs:7.2f}" if theirs else "    n/a"
+            print(f"{t:>7} {context:>8} {ours:>14.2f} {theirs or float('nan'):>16.2f} {ratio}", flush=True)
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: not installed (CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python)")
+
+
+SUITES = {"prediction": bench_prediction, "decode": bench_decode}

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("bench", help="run a benchmark and print its figures")
-    p.add_argument("suite", help="prediction")
+    p.add_argument("suite", help="prediction or decode")
     p.set_defaults(func=cmd_bench)
     return parser
 
