@@ -17,9 +17,14 @@ Layout of the quantized formats (the idea that makes them fast): rows are packed
 within a tile and a block of 32 columns, the bytes of the 32 rows are interleaved so that one 32-byte
 vector load holds the same 2 bytes of 16 different rows. The innermost loop then runs ACROSS rows,
 one 16-bit lane per row, with the activation broadcast: no horizontal sums, and an int16 sum per row
-and block that is scaled once per block. Row-wise dot products (llama.cpp's layout) spend their time
-in per-block horizontal reductions: measured 7 G weights/s per core for a row-wise Numba loop, against
-~20 G for the portable tile kernel here and ~30-37 G for its AVX2 variant.
+and block that is scaled once per block. Row-wise dot products (GGUF's layout) spend their time in
+per-block horizontal reductions. One thread, q4_0 1024x4096 resident in L3 (so compute-bound):
+    naive row-wise Numba loop on the GGUF bytes       1.4 G weights/s
+    tiles, bytes zero-extended per row (first try)   ~15-20
+    tiles, 16-bit lanes, portable (below)            ~27
+    tiles, AVX2 pmaddubsw (below)                    ~45-50
+From DRAM with both cores, the AVX2 kernel streams at 85-97% of the read bandwidth measured in the
+same run (python -m perfsim.kernels.gemv; numbers in the report of that run).
 
 Two code paths for q4_0 and q8_0 share that layout:
   portable   plain Numba loops; LLVM vectorizes them (vpmullw/vpaddw on AVX2, checked in the asm).
@@ -763,11 +768,13 @@ def validate(rows: int = 100, cols: int = 256, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # Benchmark: `python -m perfsim.kernels.gemv [q4_0 q8_0 f16 f32]`
 #
-# Napkin math, 2-core Zen 3 at ~3.1 GHz, DRAM read ~30 GB/s on one core, ~35 GB/s on two:
+# Napkin math, 2-core Zen 3 at ~3.1 GHz, DRAM read ~19 GB/s on one core, ~35 GB/s on two (measured
+# on this VM when the box is quiet; the brief's 30 GB/s for one core was not seen here):
 #   q4_0  4.5 bits/weight: 35 GB/s = 62 G weights/s, i.e. 31 G/s per core = 10 weights per cycle.
-#         The portable int16 loop issues ~16 vector instructions per 64 weights (4 per 16 weights:
-#         extract, multiply, add, plus loads/broadcasts) -> ~4 weights/instruction, so it needs ~2.5
-#         vector instructions per cycle sustained just to keep up; pmaddubsw halves that.
+#         The portable int16 loop issues ~20 vector instructions per 64 weights (per 16-bit lane:
+#         3 extracts, 4 multiplies, 4 adds, plus loads) -> ~3 weights/instruction: 3.3 instructions
+#         per cycle just to keep up, more than it sustains (measured ~27 G/s per core). pmaddubsw
+#         needs 8 per 64 weights (8 weights/instruction): ~50 G/s per core, so two cores outrun DRAM.
 #   q8_0  8.5 bits/weight: 35 GB/s = 33 G weights/s, 16.5 G/s per core.
 #   f16   2 bytes/weight: 17.5 G weights/s; f32: 8.75 G weights/s. One FMA per 8 weights is far
 #         below the FMA rate, so both are pure streaming reads.

@@ -6,8 +6,9 @@ associative, so LLVM vectorizes the sum without fastmath: 4 independent ymm accu
 split into one contiguous chunk per thread. The array is sized far beyond the 32 MiB L3, so every
 repeat streams from DRAM.
 
-Measured on the 2-core EPYC (Zen 3, KVM) dev box, 512 MiB, median of 7: about 30 GB/s on one thread
-and 35 GB/s on two (see `python -m perfsim.kernels.gemv` for the same-run figures).
+Measured on the 2-core EPYC (Zen 3, KVM) dev box when quiet: ~18-20 GB/s on one thread, up to
+~35 GB/s on two; the box is shared, so take the figures of the same run as the GEMV you compare
+(`python -m perfsim.kernels.gemv` prints both).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ _CHUNK_ELEMENTS = 1 << 16  # 512 KiB of int64 per parallel task: fits L2, big en
 
 
 def stream_read_cost(n_bytes: int) -> Cost:
-    """One pass over n_bytes: all of it read once, one add per 8-byte element."""
-    return Cost(flops=n_bytes // 8, act_bytes=n_bytes)
+    """One pass over n_bytes, read once (counted as weight bytes: it stands for a decode step's
+    weight stream), one add per 8-byte element."""
+    return Cost(flops=n_bytes // 8, weight_bytes=n_bytes)
 
 
 def sum_reference(data: np.ndarray) -> int:

@@ -6,9 +6,10 @@ across runs on one machine:
   kernels   a kernel's achieved GB/s (bytes from its cost formula / wall time) over the streaming read
             bandwidth (kernels/stream.py) measured in the same round, at the same thread count;
   decode    Phi-3 Mini q4_0 decode, weight bytes per token x tokens/s over the same-round read bandwidth;
-  accuracy  the signed error of the host prediction (perfsim.compare) against a real decode, the host
-            profile's read bandwidth replaced by this run's; and the prediction for every published
-            reference in the shipped device profiles, which is deterministic and may not move at all.
+  accuracy  the signed error of the host prediction against a real decode step (perfsim.compare, the
+            host profile's read bandwidth replaced by the one measured in the same round); and the
+            prediction for every published reference in the shipped device profiles, which is
+            deterministic and may not move at all.
 
 Noise handling. A round is one streaming pass (256 MiB, 8x the L3) immediately followed by the
 timed work, and gives one ratio. A round is *clean* when the process got the CPUs it asked for in both
@@ -698,7 +699,7 @@ def run_gate(suites: list[str] | None, baseline_path, update_baseline: bool, jso
                 notes.append(f"baseline from another machine ({describe_machine(baseline['machine'])}; this is {describe_machine(machine)}): "
                              "compared the same-run-normalized ratios only (every metric here is one: kernel and decode rates over "
                              "this run's stream bandwidth, prediction errors), with that machine's tolerances (--allow-other-machine)")
-            rows = _check(host, suite_names, metrics, baseline, tell)
+            rows = _check(host, suite_names, metrics, baseline, tell, other)
     finally:
         _restore_threads(previous_threads)
     seconds = time.perf_counter() - started
@@ -743,7 +744,7 @@ def _restore_threads(threads) -> None:
         numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
 
 
-def _check(host: Host, suite_names, patterns, baseline: dict, tell) -> list[Row]:
+def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machine: bool = False) -> list[Row]:
     entries = baseline["metrics"]
     rows = []
     for suite in suite_names:
@@ -778,14 +779,17 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell) -> list[Row]
                 row.note = (row.note + "; " if row.note else "") + "improved beyond the tolerance: update the baseline to lock it in"
             if row.sample.busy:
                 row.note = (row.note + "; " if row.note else "") + (
-                    f"machine busy: only {row.sample.detail.get('clean_rounds', 0)} clean rounds of {row.sample.total_rounds}")
+                    f"busy: only {row.sample.detail.get('clean_rounds', 0)} clean rounds of {row.sample.total_rounds}")
             rows.append(row)
         for name in sorted(entries):
             if name.split(".")[0] == suite and _selected(name, patterns) and name not in produced:
                 e = entries[name]
+                # On another machine a metric may not exist (a 1-core host has no all-thread runs): not a regression.
                 rows.append(Row(name, suite, e.get("description", ""), e["direction"], e.get("tolerance_kind", "relative"),
-                                e.get("display", "fraction"), "missing", baseline=e["value"], tolerance=e["tolerance"],
-                                note="in the baseline but no longer measured: update the baseline if that is intended"))
+                                e.get("display", "fraction"), "not measured" if other_machine else "missing",
+                                baseline=e["value"], tolerance=e["tolerance"],
+                                note="not measured on this machine" if other_machine else
+                                "in the baseline but no longer measured: update the baseline if that is intended"))
     return rows
 
 
@@ -977,7 +981,9 @@ def _summary(rows: list[Row], update: bool, seconds: float, load_start, load_end
         rounds = [r.sample.rounds for r in measured]
         spreads = [r.sample.spread / abs(r.sample.value) for r in measured if r.tolerance_kind == "relative" and r.sample.value]
         retried = sum(len(r.attempts) > 1 for r in measured)
-        lines.append(f"repeats: each measured metric is the median of {min(rounds)}-{max(rounds)} clean rounds (after a warm-up); "
+        span = f"{min(rounds)}" if min(rounds) == max(rounds) else f"{min(rounds)}-{max(rounds)}"
+        lines.append(f"repeats: each measured metric is the median of {span} rounds after a warm-up (the clean ones, unless "
+                     f"fewer than {MIN_CLEAN_ROUNDS} were); "
                      + (f"round-to-round spread (robust sigma) {min(spreads):.1%}-{max(spreads):.1%}, median {statistics.median(spreads):.1%}; "
                         if spreads else "")
                      + f"{retried} metric(s) re-measured after a first attempt beyond tolerance")
@@ -995,8 +1001,9 @@ def _noise_notes(rows: list[Row]) -> list[str]:
     busy = [r.name for r in rows if r.sample is not None and r.sample.busy]
     if not busy:
         return []
-    return [f"{len(busy)} metric(s) could not get {MIN_CLEAN_ROUNDS} clean rounds (another process had our CPUs): "
-            "their values are medians of all rounds and may read slow; re-run on a quiet machine before trusting a failure"]
+    return [f"{len(busy)} metric(s) got fewer than {MIN_CLEAN_ROUNDS} clean rounds (process CPU time under "
+            f"{CLEAN_CPU_FRACTION:.0%} of threads x wall time: another process had our cores, or the work left threads idle): "
+            "their values are medians of all rounds; if the load average was high, re-run on a quiet machine before trusting a failure"]
 
 
 # =============================================================================================================

@@ -217,3 +217,15 @@ def test_kernels_vectorize():
     portable = assembly(g._gemv_q4_0_portable, q4.qs.view(np.uint16), q4.d, x, out)
     assert "vpmullw\t%ymm" in portable or "vpmullw\t(" in portable  # 16 int16 lanes per instruction
     assert "vpmaddubsw" in assembly(g._gemv_q4_0_avx2, q4.qs, q4.d, x, out)
+
+
+# --- the streaming-read kernel ----------------------------------------------------------------
+
+
+def test_stream_sum_matches_numpy_and_cost():
+    from perfsim.kernels import stream
+
+    data = np.random.default_rng(0).integers(-(2**62), 2**62, size=3 * stream._CHUNK_ELEMENTS + 17, dtype=np.int64)
+    assert stream.sum_int64(data) == stream.sum_reference(data)  # wrapping int64 sum, chunked
+    assert stream.stream_read_cost(2**20) == stream.Cost(flops=2**17, weight_bytes=2**20)
+    assert stream.read_bandwidth_gb_s(1, data=data[: 2**16], repeats=2) > 0

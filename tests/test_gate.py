@@ -1,0 +1,301 @@
+"""`perfsim gate`: verdicts, directions, retries, baselines (corrupt, other machine), outputs, and, on
+real measurements (slow), a pass against a baseline made in this session and a failure when a kernel
+is made 1.5x slower."""
+
+import argparse
+import dataclasses
+import json
+import time
+
+import pytest
+
+from perfsim import gate
+from perfsim.errors import UserError
+
+# --- a fake suite: values the test sets, no measurement ----------------------------------------------------
+
+
+class FakeSuite:
+    """Probes whose values come from `values` (a list per metric is consumed one attempt at a time)."""
+
+    def __init__(self):
+        self.values = {"fake.speed": 1.0, "fake.latency": 2.0, "fake.error": 0.05, "fake.exact": 14.25}
+        self.calls = {}
+
+    def value(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        v = self.values[name]
+        return v.pop(0) if isinstance(v, list) else v
+
+    def probes(self, host):
+        spec = {"fake.speed": ("higher", "relative"), "fake.latency": ("lower", "relative"),
+                "fake.error": ("abs_lower", "absolute"), "fake.exact": ("equal", "exact")}
+        return [gate.Probe(name, f"fake {name}", direction, kind,
+                           lambda name=name: gate.Sample(self.value(name), spread=0.001, rounds=15, total_rounds=17),
+                           display="error" if name == "fake.error" else "fraction")
+                for name, (direction, kind) in spec.items() if name in self.values]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    suite = FakeSuite()
+    monkeypatch.setitem(gate.SUITES, "fake", ("test suite", suite.probes))
+    monkeypatch.setattr(gate, "RETRY_PAUSE_S", 0.0)
+    return suite
+
+
+def gate_run(baseline, update=False, json_path=None, markdown_path=None, allow_other_machine=False, suites=("fake",), **kw):
+    return gate.run_gate(list(suites), baseline, update, json_path, markdown_path, allow_other_machine, None, **kw)
+
+
+@pytest.fixture
+def baselined(fake, tmp_path):
+    """A baseline of the fake suite at its default values; returns its path."""
+    path = tmp_path / "baseline.json"
+    assert gate_run(path, update=True, runs=3) == 0
+    return path
+
+
+def test_update_writes_a_baseline_with_machine_values_and_floored_tolerances(baselined, fake):
+    data = json.loads(baselined.read_text())
+    assert data["format"] == gate.BASELINE_FORMAT and data["version"] == gate.BASELINE_VERSION
+    assert data["machine"] == gate.machine_fingerprint()
+    m = data["metrics"]
+    assert m["fake.speed"]["value"] == 1.0 and m["fake.speed"]["direction"] == "higher"
+    # spread 0.001 x K is below the floor: 10% of the value for a ratio, 0.05 absolute for an error
+    assert m["fake.speed"]["tolerance"] == pytest.approx(gate.RELATIVE_FLOOR * 1.0)
+    assert m["fake.latency"]["tolerance"] == pytest.approx(gate.RELATIVE_FLOOR * 2.0)
+    assert m["fake.error"]["tolerance"] == pytest.approx(gate.ABSOLUTE_FLOOR)
+    assert m["fake.exact"]["tolerance"] == pytest.approx(14.25e-9)
+    assert m["fake.speed"]["run_values"] == [1.0, 1.0, 1.0]
+    assert fake.calls["fake.speed"] == 3 and fake.calls["fake.exact"] == 1  # deterministic: measured once
+
+
+def test_unchanged_values_pass(baselined, capsys):
+    assert gate_run(baselined) == 0
+    out = capsys.readouterr().out
+    assert "gate: pass" in out and "FAIL" not in out
+    assert "fake.speed" in out and "15/17" in out  # the table says how many rounds the value rests on
+
+
+@pytest.mark.parametrize("direction, baseline, tolerance, now, ok", [
+    ("higher", 1.0, 0.1, 0.91, True), ("higher", 1.0, 0.1, 0.89, False), ("higher", 1.0, 0.1, 5.0, True),
+    ("lower", 2.0, 0.2, 2.19, True), ("lower", 2.0, 0.2, 2.21, False), ("lower", 2.0, 0.2, 0.1, True),
+    ("abs_lower", -0.1, 0.05, 0.149, True), ("abs_lower", -0.1, 0.05, -0.16, False), ("abs_lower", 0.1, 0.05, 0.0, True),
+    ("equal", 14.25, 1e-8, 14.25 + 2e-8, False), ("equal", 14.25, 1e-8, 14.25 - 5e-9, True),
+    ("higher", 1.0, 0.1, float("nan"), False),
+])
+def test_passes_by_direction(direction, baseline, tolerance, now, ok):
+    assert gate.passes(direction, baseline, tolerance, now) is ok
+
+
+def test_lower_is_better_metric_fails_when_it_rises_and_passes_when_it_falls(baselined, fake, tmp_path):
+    fake.values["fake.latency"] = 2.3  # +15%, beyond the 10% tolerance, the bad way
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, json_path=report) == 1
+    rows = {r["name"]: r for r in json.loads(report.read_text())["metrics"]}
+    assert rows["fake.latency"]["verdict"] == "FAIL" and rows["fake.latency"]["attempts"] == [2.3, 2.3, 2.3]
+    assert rows["fake.speed"]["verdict"] == "pass"
+
+    fake.values["fake.latency"] = 1.5  # -25%: better, never a failure
+    assert gate_run(baselined, json_path=report) == 0
+    rows = {r["name"]: r for r in json.loads(report.read_text())["metrics"]}
+    assert rows["fake.latency"]["verdict"] == "better" and "update the baseline" in rows["fake.latency"]["note"]
+
+
+def test_higher_is_better_metric_fails_when_it_falls(baselined, fake):
+    fake.values["fake.speed"] = 0.85
+    assert gate_run(baselined) == 1
+    fake.values["fake.speed"] = 1.5
+    assert gate_run(baselined) == 0
+
+
+def test_a_failing_metric_is_remeasured_and_passes_if_a_retry_does(baselined, fake, tmp_path):
+    fake.values["fake.speed"] = [0.5, 0.98]  # one bad attempt, then a good one
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, json_path=report) == 0
+    row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
+    assert row["attempts"] == [0.5, 0.98] and row["verdict"] == "pass" and row["now"] == 0.98
+    assert "attempt 2" in row["note"]
+
+    fake.values["fake.speed"] = [0.5, 0.6, 0.7, 1.0]  # fails all 1 + RETRIES attempts: the 4th never runs
+    assert gate_run(baselined, json_path=report) == 1
+    row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
+    assert row["attempts"] == [0.5, 0.6, 0.7] and row["verdict"] == "FAIL"
+    assert row["now"] == 0.7  # the best attempt: the failure is stated conservatively
+
+
+def test_deterministic_drift_fails_without_retry(baselined, fake):
+    fake.values["fake.exact"] = [14.25 * (1 + 1e-7)] * 3
+    assert gate_run(baselined) == 1
+    assert fake.calls["fake.exact"] == 1 + 1  # baseline run + one measurement: nothing random to retry
+
+
+def test_metric_missing_from_the_run_fails_and_a_new_one_is_reported(baselined, fake, tmp_path):
+    del fake.values["fake.error"]
+    fake.values["fake.brand_new"] = 3.0
+    spec_probes = fake.probes
+
+    def probes(host):
+        return spec_probes(host) + [gate.Probe("fake.brand_new", "new", "higher", "relative", lambda: gate.Sample(3.0))]
+
+    gate.SUITES["fake"] = ("test suite", probes)
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, json_path=report) == 1
+    rows = {r["name"]: r for r in json.loads(report.read_text())["metrics"]}
+    assert rows["fake.error"]["verdict"] == "missing"
+    assert rows["fake.brand_new"]["verdict"] == "new" and rows["fake.brand_new"]["baseline"] is None
+
+
+def test_metric_patterns_select_what_is_measured(baselined, fake, tmp_path):
+    fake.values["fake.latency"] = 9.0  # would fail, but is not selected
+    assert gate_run(baselined, metrics=["fake.speed", "fake.e*"]) == 0
+    assert fake.calls.get("fake.latency", 0) == 3  # only the baseline runs measured it
+
+
+def test_other_machine_is_refused_then_compared_with_the_flag(baselined, capsys, tmp_path):
+    data = json.loads(baselined.read_text())
+    data["machine"] = {"cpu_model": "Imaginary CPU 9000", "cores": 128}
+    data["metrics"]["fake.only_there"] = dict(data["metrics"]["fake.speed"])  # e.g. a thread count this host lacks
+    baselined.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="another machine.*Imaginary CPU 9000, 128 cores.*--allow-other-machine"):
+        gate_run(baselined)
+    capsys.readouterr()
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, allow_other_machine=True, json_path=report) == 0
+    out = capsys.readouterr().out
+    assert "another machine (Imaginary CPU 9000, 128 cores" in out and "same-run" in out
+    data = json.loads(report.read_text())
+    assert any("another machine" in n for n in data["notes"])
+    rows = {r["name"]: r for r in data["metrics"]}
+    assert rows["fake.only_there"]["verdict"] == "not measured" and rows["fake.speed"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[]", "not a perfsim gate baseline"),
+    (json.dumps({"format": "perfsim-gate-baseline", "version": 99, "machine": {}, "metrics": {}}), "version 99"),
+    (json.dumps({"format": "perfsim-gate-baseline", "version": 1, "machine": {"cpu_model": "x"}, "metrics": {}}), "machine"),
+    (json.dumps({"format": "perfsim-gate-baseline", "version": 1, "machine": {"cpu_model": "x", "cores": 2},
+                 "metrics": {"a": {"value": "fast", "tolerance": 0.1, "direction": "higher"}}}), "\"value\" must be a finite number"),
+    (json.dumps({"format": "perfsim-gate-baseline", "version": 1, "machine": {"cpu_model": "x", "cores": 2},
+                 "metrics": {"a": {"value": 1.0, "tolerance": -1, "direction": "higher"}}}), "tolerance"),
+    (json.dumps({"format": "perfsim-gate-baseline", "version": 1, "machine": {"cpu_model": "x", "cores": 2},
+                 "metrics": {"a": {"value": 1.0, "tolerance": 0.1, "direction": "sideways"}}}), "direction"),
+])
+def test_corrupt_baseline_is_a_user_error(fake, tmp_path, content, message):
+    path = tmp_path / "baseline.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        gate_run(path)
+    assert fake.calls == {}  # refused before measuring anything
+
+
+def test_missing_or_unreadable_baseline_and_unknown_suite_are_user_errors(fake, tmp_path):
+    with pytest.raises(UserError, match="no baseline at .*--update-baseline"):
+        gate_run(tmp_path / "nope.json")
+    with pytest.raises(UserError, match="cannot read the baseline"):
+        gate_run(tmp_path)  # a directory
+    with pytest.raises(UserError, match="unknown gate suite 'kernel'; expected one of: kernels, decode, accuracy"):
+        gate_run(tmp_path / "nope.json", suites=["kernel"])
+    with pytest.raises(UserError, match="does not exist"):
+        gate_run(tmp_path / "b.json", update=True, json_path=tmp_path / "no" / "such" / "r.json")
+    assert fake.calls == {}
+
+
+def test_markdown_and_json_outputs(baselined, fake, tmp_path):
+    fake.values["fake.speed"] = 0.7
+    md, js = tmp_path / "summary.md", tmp_path / "gate.json"
+    assert gate_run(baselined, json_path=js, markdown_path=md) == 1
+    text = md.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "## perfsim gate: FAIL"
+    header = next(i for i, line in enumerate(lines) if line.startswith("| metric |"))
+    assert lines[header] == "| metric | baseline | tolerance | now | change | rounds | spread | verdict |"
+    assert lines[header + 1] == "|---|---:|---:|---:|---:|---:|---:|---|"
+    speed = next(line for line in lines if line.startswith("| fake.speed |"))
+    assert speed.split(" | ")[1:5] == ["1.000", "±10%", "0.700", "-30.0%"] and speed.endswith("**FAIL (3 tries)** |")
+    assert "| fake.latency | 2.000 | ±10% | 2.000 | +0.0% | 15/17 |" in text
+    assert "| fake.error | +0.050 | ±0.050 | +0.050 | +0.000 |" in text
+    data = json.loads(js.read_text())
+    assert data["verdict"] == "fail" and data["exit_code"] == 1 and data["suites"] == ["fake"]
+    rows = {r["name"]: r for r in data["metrics"]}
+    assert rows["fake.speed"]["change"] == pytest.approx(-0.3) and rows["fake.speed"]["change_kind"] == "relative"
+    assert rows["fake.error"]["change_kind"] == "absolute" and rows["fake.exact"]["verdict"] == "pass"
+    assert rows["fake.latency"]["rounds"] == 15 and rows["fake.latency"]["total_rounds"] == 17
+    assert data["settings"]["retries"] == gate.RETRIES
+
+
+def test_cli_arguments_reach_run_gate(baselined, fake, tmp_path):
+    parser = argparse.ArgumentParser()
+    gate.add_gate_arguments(parser)
+    args = parser.parse_args(["--suite", "fake", "--baseline", str(baselined), "--json", str(tmp_path / "r.json"),
+                              "--markdown", str(tmp_path / "r.md"), "--metric", "fake.speed"])
+    assert gate.main(args) == 0
+    assert [r["name"] for r in json.loads((tmp_path / "r.json").read_text())["metrics"]] == ["fake.speed"]
+    args = parser.parse_args(["--suite", "kernels,decode", "--suite", "accuracy", "--update-baseline", "--allow-other-machine"])
+    assert args.suite == ["kernels,decode", "accuracy"] and args.update_baseline and args.allow_other_machine
+    assert gate._check_suites(args.suite) == ["kernels", "decode", "accuracy"]
+    assert args.baseline is None and args.json is None and args.markdown is None
+
+
+def test_reference_predictions_may_not_drift(tmp_path, monkeypatch):
+    """The real accuracy suite, reference metrics only (pure predictions): a 1e-6 drift fails."""
+    import perfsim.roofline
+
+    path = tmp_path / "baseline.json"
+    refs = ["accuracy.reference.*"]
+    assert gate_run(path, update=True, suites=["accuracy"], metrics=refs, runs=1) == 0
+    metrics = json.loads(path.read_text())["metrics"]
+    assert "accuracy.reference.a16.phi-3-mini.q4_0" in metrics and all(name.startswith("accuracy.reference.") for name in metrics)
+    assert gate_run(path, suites=["accuracy"], metrics=refs) == 0
+
+    predict = perfsim.roofline.predict
+    monkeypatch.setattr(perfsim.roofline, "predict", lambda *a, **k: dataclasses.replace(p := predict(*a, **k), decode_s=p.decode_s * (1 + 1e-6)))
+    assert gate_run(path, suites=["accuracy"], metrics=refs) == 1
+
+
+# --- real measurements ---------------------------------------------------------------------------------------
+
+ONE_KERNEL = ["kernels.gemv.q4_0.9216x3072.t1"]  # one thread: robust to a neighbour on the other core
+
+
+@pytest.fixture(scope="module")
+def kernel_baseline(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gate") / "baseline.json"
+    assert gate.run_gate(["kernels"], path, True, None, None, False, None, metrics=ONE_KERNEL, runs=3) == 0
+    return path
+
+
+@pytest.mark.slow
+def test_real_kernel_passes_against_a_baseline_made_in_this_session(kernel_baseline, tmp_path):
+    report = tmp_path / "r.json"
+    assert gate.run_gate(["kernels"], kernel_baseline, False, report, None, False, None, metrics=ONE_KERNEL) == 0
+    (row,) = json.loads(report.read_text())["metrics"]
+    assert row["name"] == ONE_KERNEL[0] and row["verdict"] in ("pass", "better")
+    assert 0.2 < row["now"] < 1.5  # a fraction of the stream roof, give or take
+    assert row["rounds"] >= gate.MIN_CLEAN_ROUNDS and row["detail"]["stream_gb_s"] > 1
+
+
+@pytest.mark.slow
+def test_real_kernel_made_1_5x_slower_fails(kernel_baseline, tmp_path, monkeypatch):
+    from perfsim.kernels import gemv as gemv_kernels
+
+    real = gemv_kernels.gemv
+
+    def slowed(*args, **kwargs):  # the real call, then spin for half its time: 1.5x the time
+        start = time.perf_counter()
+        result = real(*args, **kwargs)
+        until = time.perf_counter() + 0.5 * (time.perf_counter() - start)
+        while time.perf_counter() < until:
+            pass
+        return result
+
+    monkeypatch.setattr(gemv_kernels, "gemv", slowed)
+    monkeypatch.setattr(gate, "RETRY_PAUSE_S", 0.0)
+    report = tmp_path / "r.json"
+    assert gate.run_gate(["kernels"], kernel_baseline, False, report, None, False, None, metrics=ONE_KERNEL) == 1
+    (row,) = json.loads(report.read_text())["metrics"]
+    assert row["verdict"] == "FAIL" and len(row["attempts"]) == 1 + gate.RETRIES
+    # 1.5x the time is 2/3 of the efficiency; the best of three attempts is still well below the baseline
+    assert 0.45 < row["now"] / row["baseline"] < 0.85
