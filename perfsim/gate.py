@@ -17,14 +17,16 @@ halves (process CPU time >= 90% of threads x wall time; another process on our c
 missing CPU time). A metric is the median of its clean rounds (15 wanted, at least 5, within a time
 budget); with fewer clean rounds it is the median of all of them and is flagged "busy". Each work item
 is a sweep over enough copies of the operands (>= 96 MiB, 3x the L3) that every call reads DRAM.
-A metric beyond its tolerance is re-measured up to twice more and fails only if every attempt does.
+A metric beyond its tolerance is re-measured up to twice more and fails only if every attempt does;
+a failing attempt that was busy is re-measured after a pause without using up a retry (8 such pauses
+per gate run at most).
 
 Tolerances (made by --update-baseline, which runs the suites UPDATE_RUNS times, each with freshly
 allocated operands): value = median of the runs; spread = a robust sigma of the metric (the larger of
 1.4826 x MAD over runs and the standard error of one run's median); tolerance = K_SPREAD x spread,
-clamped to [floor, cap]. The floor (10% for ratios, 5 points for a prediction error) is what this
-class of shared 2-core VM moves between processes even when quiet (page placement, the other core's
-memory traffic); the cap (20% / 15 points) keeps a 1.5x slower kernel (-33%) always detectable even
+clamped to [floor, cap]. The floor (12% for ratios, 5 points for a prediction error) covers what this
+class of shared 2-core VM moves between processes even when quiet (the neighbours' memory traffic,
+page placement); the cap (20% / 20 points) keeps a 1.5x slower kernel (-33%) always detectable even
 from a noisy baseline. Deterministic predictions get a 1e-9 relative tolerance.
 
 The baseline (JSON, committed) records the machine it came from (perfsim.calibrate.host_fingerprint):
@@ -62,12 +64,20 @@ MIN_CLEAN_ROUNDS = 5  # fewer clean rounds than this: the median of all rounds, 
 ROUND_BUDGET_S = 3.0  # per metric and attempt: stop looking for clean rounds after this long
 RETRIES = 2  # re-measurements of a failing metric before it counts
 RETRY_PAUSE_S = 1.0
+# A failing attempt that was busy (too few clean rounds) says more about the neighbours than the code:
+# it is re-measured after a pause without using up a retry, up to this many times per gate run.
+BUSY_RETRIES = 8
+BUSY_PAUSE_S = 5.0
 
 # --- tolerance policy ----------------------------------------------------------------------------------------
 UPDATE_RUNS = 5  # --update-baseline: runs of each suite the baseline is the median of
 K_SPREAD = 5.0
-RELATIVE_FLOOR, RELATIVE_CAP = 0.10, 0.20  # fractions of the baseline value (ratios)
-ABSOLUTE_FLOOR, ABSOLUTE_CAP = 0.05, 0.15  # in the metric's units (signed prediction errors)
+# Floors: between separate gate processes on the quiet 2-core box, the ratios moved with a robust sigma
+# of 2-7% (up to 8% from the baseline in ten runs) and the host prediction error by ~0.05: more than the
+# 5 in-process runs of --update-baseline see, so a floor of ~2 sigma, and a failure must repeat 3 times.
+# Caps: a 1.5x slower kernel (-33%) always fails, however noisy the baseline was.
+RELATIVE_FLOOR, RELATIVE_CAP = 0.12, 0.20  # fractions of the baseline value (ratios)
+ABSOLUTE_FLOOR, ABSOLUTE_CAP = 0.05, 0.20  # in the metric's units (signed prediction errors)
 DETERMINISTIC_RTOL = 1e-9
 
 DIRECTIONS = ("higher", "lower", "abs_lower", "equal")
@@ -122,6 +132,7 @@ class Host:
         self._engine = None
         self._profile = None
         self.decode_cache = {}  # context -> Rounds of this run (see decode_rounds)
+        self.busy_retries_left = BUSY_RETRIES
 
     def new_run(self) -> None:
         """--update-baseline: the next run measures everything afresh."""
@@ -623,6 +634,8 @@ class Row:
             "change": self.change(), "change_kind": "absolute" if self.tolerance_kind == "absolute" or self.baseline == 0 else "relative",
             "verdict": self.verdict, "note": self.note,
             "attempts": [s.value for s in self.attempts],
+            "attempt_details": [{"value": s.value, "busy": s.busy, "rounds": s.rounds, "total_rounds": s.total_rounds,
+                                 "clean_rounds": s.detail.get("clean_rounds")} for s in self.attempts],
             "rounds": s.rounds if s else None, "total_rounds": s.total_rounds if s else None,
             "round_spread": s.spread if s else None, "busy": s.busy if s else None, "detail": s.detail if s else {},
             **({"spread": self.spread, "run_values": self.run_values} if self.verdict == "baselined" else {}),
@@ -728,7 +741,7 @@ def run_gate(suites: list[str] | None, baseline_path, update_baseline: bool, jso
 def settings() -> dict:
     return {"stream_bytes": STREAM_BYTES, "evict_bytes": EVICT_BYTES, "clean_cpu_fraction": CLEAN_CPU_FRACTION,
             "target_rounds": TARGET_ROUNDS, "min_clean_rounds": MIN_CLEAN_ROUNDS, "round_budget_s": ROUND_BUDGET_S,
-            "retries": RETRIES, "k_spread": K_SPREAD, "relative_floor": RELATIVE_FLOOR, "relative_cap": RELATIVE_CAP,
+            "retries": RETRIES, "busy_retries": BUSY_RETRIES, "k_spread": K_SPREAD, "relative_floor": RELATIVE_FLOOR, "relative_cap": RELATIVE_CAP,
             "absolute_floor": ABSOLUTE_FLOOR, "absolute_cap": ABSOLUTE_CAP, "deterministic_rtol": DETERMINISTIC_RTOL,
             "decode_layers": DECODE_LAYERS}
 
@@ -763,18 +776,30 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machin
                 continue
             # The baseline's direction rules: a metric's meaning is fixed when it is baselined.
             row.direction, row.baseline, row.tolerance = entry["direction"], entry["value"], entry["tolerance"]
-            while (not passes(row.direction, row.baseline, row.tolerance, row.attempts[-1].value)
-                   and probe.tolerance != "exact" and len(row.attempts) <= RETRIES):
-                tell(f"gate: {probe.name} = {row.attempts[-1].value:.4g} is beyond its tolerance; re-measuring "
-                     f"({len(row.attempts)} of {RETRIES + 1})")
-                time.sleep(RETRY_PAUSE_S)
+            counted = 1  # attempts that count towards 1 + RETRIES
+            while not passes(row.direction, row.baseline, row.tolerance, row.attempts[-1].value) and probe.tolerance != "exact":
+                last = row.attempts[-1]
+                if last.busy and host.busy_retries_left > 0:
+                    host.busy_retries_left -= 1
+                    tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance, measured while busy; "
+                         f"waiting {BUSY_PAUSE_S:g} s and measuring again")
+                    time.sleep(BUSY_PAUSE_S)
+                elif counted <= RETRIES:
+                    counted += 1
+                    tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance; measuring again ({counted} of {RETRIES + 1})")
+                    time.sleep(RETRY_PAUSE_S)
+                else:
+                    break
                 row.attempts.append(probe.measure())
             row.now = row.sample.value
             ok = passes(row.direction, row.baseline, row.tolerance, row.now)
             row.verdict = ("better" if better(row.direction, row.baseline, row.tolerance, row.now) else "pass") if ok else "FAIL"
             if len(row.attempts) > 1:
-                row.note = (f"passed on attempt {len(row.attempts)} of {RETRIES + 1}" if ok
+                busy_attempts = sum(a.busy for a in row.attempts)
+                row.note = (f"passed on attempt {len(row.attempts)}" if ok
                             else f"failed all {len(row.attempts)} attempts: {', '.join(f'{s.value:.4g}' for s in row.attempts)}")
+                if busy_attempts:
+                    row.note += f" ({busy_attempts} of them busy)"
             if row.verdict == "better":
                 row.note = (row.note + "; " if row.note else "") + "improved beyond the tolerance: update the baseline to lock it in"
             if row.sample.busy:
