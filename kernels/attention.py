@@ -28,7 +28,7 @@ import numpy as np
 from perfsim.cost import Cost
 from perfsim.kernels import gemv
 from perfsim.kernels.elementwise import exp_f32
-from perfsim.kernels.jit import LazyKernel, jit, prange
+from perfsim.kernels.jit import LazyKernel, jit, prange, zeros_huge_pages
 from perfsim.quant import F16, F32, Q8_0, QuantFormat, quant_format
 
 KV_FORMATS = (F16, Q8_0, F32)  # what KVCache stores; f16 is the default
@@ -182,9 +182,9 @@ def new_kv_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format: QuantFo
     kv_format = quant_format(kv_format) if isinstance(kv_format, str) else kv_format
     rows = (n_layers, n_kv_heads, max_context)
     if kv_format == F32:
-        return KVCache(kv_format, np.zeros(rows + (head_dim,), np.float32), np.zeros(rows + (head_dim,), np.float32))
+        return KVCache(kv_format, zeros_huge_pages(rows + (head_dim,), np.float32), zeros_huge_pages(rows + (head_dim,), np.float32))
     if kv_format == F16:
-        return KVCache(kv_format, np.zeros(rows + (head_dim,), np.uint16), np.zeros(rows + (head_dim,), np.uint16))
+        return KVCache(kv_format, zeros_huge_pages(rows + (head_dim,), np.uint16), zeros_huge_pages(rows + (head_dim,), np.uint16))
     if kv_format == Q8_0:
         if head_dim % Q8_BLOCK:
             raise ValueError(f"q8_0 needs head_dim a multiple of {Q8_BLOCK}, got {head_dim}")
@@ -192,10 +192,10 @@ def new_kv_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format: QuantFo
         quants = blocks + (Q8_BLOCK,)
         return KVCache(
             kv_format,
-            np.zeros(quants, np.int8),
-            np.zeros(quants, np.int8),
-            np.zeros(blocks, np.uint16),
-            np.zeros(blocks, np.uint16),
+            zeros_huge_pages(quants, np.int8),
+            zeros_huge_pages(quants, np.int8),
+            zeros_huge_pages(blocks, np.uint16),
+            zeros_huge_pages(blocks, np.uint16),
         )
     raise ValueError(f"the KV cache stores {', '.join(f.name for f in KV_FORMATS)}, not {kv_format.name}")
 
@@ -536,11 +536,12 @@ def attention_cost(n_heads, n_kv_heads, head_dim, n_positions, kv_format: QuantF
 def kv_append_cost(n_kv_heads, head_dim, kv_format: QuantFormat | str = F16) -> Cost:
     """Writes one position of K and V in the cache's format, reads them as f32.
 
-    FLOPs: none for f32/f16 (a conversion); q8_0 counts 2 per element (the |x| max and the x / d).
+    FLOPs: none for f32 (a copy); f16 counts 1 per element (the f32 -> f16 conversion), q8_0 2 (the
+    |x| max and the x / d).
     """
     kv_format = quant_format(kv_format) if isinstance(kv_format, str) else kv_format
     n = n_kv_heads * head_dim
-    flops = 2 * 2 * n if kv_format.block_size > 1 else 0
+    flops = {"f32": 0, "f16": 2 * n}.get(kv_format.name, 2 * 2 * n)
     return Cost(flops=flops, kv_bytes=2 * kv_format.storage_bytes(n), act_bytes=2 * n * F32_BYTES)
 
 

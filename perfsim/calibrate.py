@@ -28,7 +28,9 @@ from perfsim.errors import UserError
 
 CALIBRATION_VERSION = 1
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
-CACHE_BYTES = 256 * 2**10  # operands of the in-cache runs: fit the 1 MiB L2 with room to spare
+# Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
+# work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
+CACHE_BYTES = 4 * 2**20
 
 
 def cache_dir() -> Path:
@@ -57,12 +59,15 @@ def host_fingerprint() -> dict:
     return {"cpu_model": cpu_model(), "cores": available_threads(), "calibration_version": CALIBRATION_VERSION}
 
 
-def _median_call_s(call, min_repeats: int = 7, min_seconds: float = 0.05) -> float:
-    """Median seconds of one call, after a warm-up call; repeats until both minimums are met."""
+def _median_call_s(call, min_repeats: int = 7, min_seconds: float = 0.05, before=None) -> float:
+    """Median seconds of one call, after a warm-up call; repeats until both minimums are met.
+    `before`, if given, runs (untimed) before each timed call."""
     call()
     times = []
     start = time.perf_counter()
     while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
@@ -107,7 +112,7 @@ def _gemv_bench(fmt: str) -> KernelBench:
 
         return call
 
-    cache_rows = max(128, int(CACHE_BYTES / (cols * bytes_per_weight)) // 128 * 128)
+    cache_rows = max(256, int(CACHE_BYTES / (cols * bytes_per_weight)) // 256 * 256)  # whole 32-row tiles per thread
     dram_rows = int(DRAM_BYTES / 3 / (cols * bytes_per_weight)) // 32 * 32
     return KernelBench(
         f"gemv.{fmt}", True, bench(32), bench(cache_rows), 2.0 * cache_rows * cols, bench(cache_rows // 4),
@@ -144,7 +149,7 @@ def _attention_bench(fmt: str) -> KernelBench:
     cost = lambda n: attention_cost(n_heads, n_heads, head_dim, n, fmt)
     dram_positions = int(DRAM_BYTES / 3 / (cost(1).kv_bytes))
     return KernelBench(
-        f"attention.{fmt}", True, bench(1, 1), bench(1, 128), cost(128).flops, bench(1, 32),
+        f"attention.{fmt}", True, bench(1, 1), bench(1, 1024), cost(1024).flops, bench(1, 256),
         bench(3, dram_positions), cost(dram_positions).flops, cost(dram_positions).bytes,
     )
 
@@ -155,7 +160,7 @@ def _serial_benches() -> list[KernelBench]:
     from perfsim.kernels import elementwise as ew
     from perfsim.kernels.attention import kv_append, kv_append_cost, new_kv_cache
     from perfsim.quant import quant_format
-    from perfsim.workload import embedding_cost
+    from perfsim.kernels.embedding import embedding_cost
 
     rng = np.random.default_rng(0)
     vec = lambda n: rng.standard_normal(n).astype(np.float32)
@@ -191,9 +196,11 @@ def _serial_benches() -> list[KernelBench]:
     ]
     for fmt in ("f16", "q8_0", "f32"):
         def append(n_heads, fmt=fmt):
-            cache, kv = new_kv_cache(1, n_heads, 2, 128, fmt), vec(2 * n_heads * 128).reshape(2, n_heads, 128)
-            return lambda: kv_append(cache, 0, 1, kv[0], kv[1])
-        # f16/f32 appends count no FLOPs, so their roof is never divided into; 1 keeps gflops positive.
+            # A long cache, a new position each call: each head's row lands in its own page, as in decode.
+            cache, kv = new_kv_cache(1, n_heads, 2048, 128, fmt), vec(2 * n_heads * 128).reshape(2, n_heads, 128)
+            position = iter(range(10**9))
+            return lambda: kv_append(cache, 0, next(position) % 2048, kv[0], kv[1])
+        # f32 appends count no FLOPs, so their roof is never divided into; 1 keeps gflops positive.
         flops = kv_append_cost(64, 128, fmt).flops or 1.0
         benches.append(KernelBench(f"kv_append.{fmt}", False, append(1), append(64), flops, append(16)))
     for fmt in ("q4_0", "q8_0", "f16", "f32"):
@@ -211,10 +218,16 @@ def _serial_benches() -> list[KernelBench]:
     return benches
 
 
-def _kernel_roof(bench: KernelBench, bandwidth_bytes_per_s: float) -> dict:
-    overhead_s = _median_call_s(bench.tiny)
-    in_cache_s = _median_call_s(bench.in_cache)
-    quarter_s = _median_call_s(bench.in_cache_quarter)
+def _kernel_roof(bench: KernelBench, bandwidth_bytes_per_s: float, stream_read) -> dict:
+    # In decode every op follows a GEMV that has streamed megabytes through the caches, so the fixed
+    # cost is timed after an 8 MiB streaming read: measured on this host class, a hot loop calls
+    # rmsnorm in 2.5 us and kv_append in 5 us, but 4-10 us and 12-30 us after such a read, as in decode.
+    overhead_s = _median_call_s(bench.tiny, before=stream_read)
+    # Serial kernels touch a few KB per call, all of it cold in decode: their work is timed cold too
+    # (kv_append writes one 192-byte row per head, each a cache miss: ~1 us a head, not 10 ns).
+    cold = None if bench.parallel else stream_read
+    in_cache_s = _median_call_s(bench.in_cache, before=cold)
+    quarter_s = _median_call_s(bench.in_cache_quarter, before=cold)
     # The slope between the two in-cache sizes is the compute roof, free of the fixed cost per call.
     gflops = 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
     overlap = 0.0
@@ -233,7 +246,7 @@ def _sig(x: float) -> float:
 def measure_host(progress=None) -> dict:
     """All the microbenchmarks; returns the host profile as YAML-ready data."""
     from perfsim.kernels.jit import set_threads
-    from perfsim.kernels.stream import read_bandwidth_gb_s, stream_buffer
+    from perfsim.kernels.stream import read_bandwidth_gb_s, stream_buffer, sum_int64
     from perfsim.measure import available_threads
 
     started = time.perf_counter()
@@ -245,6 +258,8 @@ def measure_host(progress=None) -> dict:
     total = len(thread_counts) * (1 + len(parallel)) + len(serial)
     done = 0
     data = stream_buffer(256 * 2**20)
+    flush = stream_buffer(8 * 2**20)
+    stream_read = lambda: sum_int64(flush)
     bandwidth_gb_s, kernel_roofs = {}, {b.kernel: {} for b in parallel + serial}
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
@@ -253,12 +268,13 @@ def measure_host(progress=None) -> dict:
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
             set_threads(threads)
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, bandwidth_gb_s[threads] * 1e9)
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, bandwidth_gb_s[threads] * 1e9, stream_read)
             done += 1
     del data
     for bench in serial:  # one thread whatever Numba's setting: measured once, valid for every count
         report(done, total, bench.kernel)
-        roof = _kernel_roof(bench, bandwidth_gb_s[1] * 1e9)
+        set_threads(1)
+        roof = _kernel_roof(bench, bandwidth_gb_s[1] * 1e9, stream_read)
         for threads in thread_counts:
             kernel_roofs[bench.kernel][threads] = roof
         done += 1

@@ -19,6 +19,7 @@ import numpy as np
 
 from perfsim.errors import UserError
 from perfsim.kernels.attention import KVCache, attention, kv_append, new_kv_cache
+from perfsim.kernels.embedding import embedding_row
 from perfsim.kernels.elementwise import argmax, residual_add, rmsnorm, rope_rotate, rope_tables, silu_mul
 from perfsim.kernels.gemv import gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0, weight_format
 from perfsim.model import ModelSpec
@@ -47,18 +48,7 @@ class Embedding:
     table: np.ndarray  # q4_0/q8_0: uint8 (vocab, hidden/32 * block bytes), GGUF blocks; f16/f32: (vocab, hidden)
 
     def row(self, token: int, out: np.ndarray) -> None:
-        raw = self.table[token]
-        if self.format.block_size == 1:
-            out[:] = raw
-            return
-        blocks = raw.reshape(-1, self.format.block_bytes)
-        scales = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
-        if self.format.name == "q8_0":
-            values = blocks[:, 2:].view(np.int8).astype(np.float32)
-        else:  # q4_0: byte j holds element j (low nibble) and j + 16 (high nibble)
-            nibbles = blocks[:, 2:]
-            values = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float32) - 8
-        out[:] = (values * scales).reshape(-1)
+        embedding_row(self.table, self.format.name, token, out)
 
 
 @dataclass(frozen=True)

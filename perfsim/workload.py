@@ -15,6 +15,7 @@ from perfsim.cost import Cost
 from perfsim.errors import UserError
 from perfsim.kernels.attention import attention_cost, kv_append_cost
 from perfsim.kernels.elementwise import argmax_cost, residual_add_cost, rmsnorm_cost, rope_cost, silu_mul_cost
+from perfsim.kernels.embedding import embedding_cost
 from perfsim.kernels.gemv import gemv_cost
 from perfsim.model import ModelSpec
 from perfsim.quant import F32, Formats, QuantFormat
@@ -50,11 +51,6 @@ def math_precision(weights: QuantFormat) -> str:
     if weights.name in ("f32", "f16"):
         return weights.name
     return "int8"
-
-
-def embedding_cost(hidden_size: int, weights: QuantFormat) -> Cost:
-    """One row of token_embd, dequantized into the f32 residual stream (done by the engine)."""
-    return Cost(flops=hidden_size, weight_bytes=weights.storage_bytes(hidden_size), act_bytes=4 * hidden_size)
 
 
 def check_context(model: ModelSpec, context: int, what: str = "context") -> None:
