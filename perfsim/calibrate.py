@@ -243,10 +243,21 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def best_read_gb_s(threads: int, data, repeats: int = 9) -> float:
+    """The memory roof: the best of `repeats` streaming passes. A roof is what the machine can do; on a
+    shared box the median of 5 passes varied 16-20 GB/s on one core between runs, the best 19-21."""
+    from perfsim.kernels.jit import set_threads
+    from perfsim.kernels.stream import read_pass_s, sum_int64
+
+    set_threads(threads)
+    sum_int64(data)
+    return data.nbytes / min(read_pass_s(data) for _ in range(repeats)) / 1e9
+
+
 def measure_host(progress=None) -> dict:
     """All the microbenchmarks; returns the host profile as YAML-ready data."""
     from perfsim.kernels.jit import set_threads
-    from perfsim.kernels.stream import read_bandwidth_gb_s, stream_buffer, sum_int64
+    from perfsim.kernels.stream import stream_buffer, sum_int64
     from perfsim.measure import available_threads
 
     started = time.perf_counter()
@@ -263,7 +274,7 @@ def measure_host(progress=None) -> dict:
     bandwidth_gb_s, kernel_roofs = {}, {b.kernel: {} for b in parallel + serial}
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
-        bandwidth_gb_s[threads] = round(read_bandwidth_gb_s(threads, data=data, repeats=5), 3)
+        bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data))
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
@@ -314,7 +325,7 @@ def measure_host(progress=None) -> dict:
             "units.cpu.peak_tflops": f"{how}: in-cache throughput of the fastest kernel of each precision",
             "units.cpu.compute_efficiency": "1: the peaks above are achieved, not vendor, figures",
             "units.cpu.bandwidth_efficiency": "1: the bandwidths are measured",
-            "units.cpu.bandwidth_gb_s_by_threads": f"{how}: streaming read of 256 MiB, median of 5",
+            "units.cpu.bandwidth_gb_s_by_threads": f"{how}: streaming read of 256 MiB, best of 9",
             "units.cpu.overhead_us_per_op": f"{how}: one call of a tiny serial kernel",
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },
