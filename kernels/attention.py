@@ -28,7 +28,7 @@ import numpy as np
 from perfsim.cost import Cost
 from perfsim.kernels import gemv
 from perfsim.kernels.elementwise import exp_f32
-from perfsim.kernels.jit import LazyKernel, jit, prange, zeros_huge_pages
+from perfsim.kernels.jit import LazyIntrinsic, LazyKernel, jit, prange, zeros_huge_pages
 from perfsim.quant import F16, F32, Q8_0, QuantFormat, quant_format
 
 KV_FORMATS = (F16, Q8_0, F32)  # what KVCache stores; f16 is the default
@@ -38,26 +38,6 @@ _LOWEST_F32 = np.float32(-3.4028234663852886e38)  # not -inf: fastmath lets LLVM
 
 
 # --- f16 <-> f32 conversion ------------------------------------------------------------------------------
-
-
-class _LazyIntrinsic(LazyKernel):
-    """A Numba intrinsic built when the first kernel calling it compiles (so importing stays Numba-free).
-
-    jit.py materializes LazyKernel callees through .compile(); this returns the intrinsic from there.
-    Called from Python, before any kernel compiled, it runs the pure-Python definition.
-    """
-
-    def __init__(self, py_func, build):
-        super().__init__(py_func, {})
-        self._build = build
-
-    def compile(self):
-        if self._dispatcher is None:
-            self._dispatcher = self._build()
-        return self._dispatcher
-
-    def __call__(self, *args):
-        return self.py_func(*args)
 
 
 def _as_f32_py(x):
@@ -116,8 +96,8 @@ def _build_f32_to_f16_bits():
     return f32_to_f16_bits
 
 
-as_f32 = _LazyIntrinsic(_as_f32_py, _build_as_f32)
-f32_to_f16_bits = _LazyIntrinsic(_f32_to_f16_bits_py, _build_f32_to_f16_bits)
+as_f32 = LazyIntrinsic(_build_as_f32, _as_f32_py)
+f32_to_f16_bits = LazyIntrinsic(_build_f32_to_f16_bits, _f32_to_f16_bits_py)
 
 
 @jit()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from perfsim.cost import Cost
-from perfsim.kernels.jit import jit
+from perfsim.kernels.jit import f16_to_f32, jit
 from perfsim.quant import QuantFormat
 
 
@@ -36,22 +36,11 @@ def embedding_row_reference(table: np.ndarray, format_name: str, token: int) -> 
 
 
 @jit()
-def _f16_bits_to_f32(bits):
-    """An fp16 bit pattern as float32 (normals, subnormals, zero; scales are never inf or NaN)."""
-    sign = -1.0 if bits & 0x8000 else 1.0
-    exponent = (bits >> 10) & 0x1F
-    mantissa = bits & 0x3FF
-    if exponent == 0:
-        return np.float32(sign * mantissa * 2.0**-24)
-    return np.float32(sign * (1.0 + mantissa / 1024.0) * 2.0 ** (exponent - 15))
-
-
-@jit()
 def embedding_row_q4_0(table, token, out):
     """out f32[hidden] = row `token` of a q4_0 table uint8 (vocab, hidden / 32 * 18)."""
     row = table[token]
     for b in range(out.size // 32):
-        d = _f16_bits_to_f32(np.uint16(row[18 * b]) | (np.uint16(row[18 * b + 1]) << np.uint16(8)))
+        d = f16_to_f32(np.uint16(row[18 * b]) | (np.uint16(row[18 * b + 1]) << np.uint16(8)))
         for j in range(16):
             byte = row[18 * b + 2 + j]
             out[32 * b + j] = d * np.float32(np.int32(byte & 0x0F) - 8)
@@ -63,7 +52,7 @@ def embedding_row_q8_0(table, token, out):
     """out f32[hidden] = row `token` of a q8_0 table uint8 (vocab, hidden / 32 * 34)."""
     row = table[token]
     for b in range(out.size // 32):
-        d = _f16_bits_to_f32(np.uint16(row[34 * b]) | (np.uint16(row[34 * b + 1]) << np.uint16(8)))
+        d = f16_to_f32(np.uint16(row[34 * b]) | (np.uint16(row[34 * b + 1]) << np.uint16(8)))
         for j in range(32):
             q = np.int32(row[34 * b + 2 + j])
             out[32 * b + j] = d * np.float32(q - 256 if q > 127 else q)

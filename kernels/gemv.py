@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfsim.cost import Cost
-from perfsim.kernels.jit import LazyKernel, jit, prange, set_threads
+from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, prange, set_threads
 from perfsim.quant import F16, F32, Q4_0, Q8_0, QuantFormat
 
 ROW_TILE = 32  # rows per tile: 2 x 16 int16 lanes, i.e. two 256-bit vectors per step
@@ -353,36 +353,7 @@ def gemv_tolerance(weights: Weights, x: np.ndarray) -> np.ndarray:
 # LLVM-level helpers, built on first use so importing this module does not import Numba.
 
 
-class _LazyIntrinsic(LazyKernel):
-    """A Numba @intrinsic made by `build()` when a kernel that calls it is first compiled."""
 
-    def __init__(self, build):
-        super().__init__(build, {})
-
-    def compile(self):
-        if self._dispatcher is None:
-            self._dispatcher = self.py_func()
-        return self._dispatcher
-
-
-def _build_f16_to_f32():
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def f16_to_f32(typingctx, bits):
-        """fp16 bits (uint16) -> float32, exact (NaN/inf too): LLVM's target-independent fpext."""
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return types.float32(types.uint16), codegen
-
-    return f16_to_f32
-
-
-_f16_to_f32 = _LazyIntrinsic(_build_f16_to_f32)
 
 
 def _build_prefetch_512():
@@ -412,7 +383,7 @@ def _build_prefetch_512():
     return prefetch_512
 
 
-_prefetch_512 = _LazyIntrinsic(_build_prefetch_512)
+_prefetch_512 = LazyIntrinsic(_build_prefetch_512)
 
 
 def _vector_pointer(context, builder, array_type, array, element_offset: int, vector_type):
@@ -477,7 +448,7 @@ def _build_q4_block_sums_avx2():
     return q4_block_sums_avx2
 
 
-_q4_block_sums_avx2 = _LazyIntrinsic(_build_q4_block_sums_avx2)
+_q4_block_sums_avx2 = LazyIntrinsic(_build_q4_block_sums_avx2)
 
 
 def _build_q8_block_sums_avx2():
@@ -516,7 +487,7 @@ def _build_q8_block_sums_avx2():
     return q8_block_sums_avx2
 
 
-_q8_block_sums_avx2 = _LazyIntrinsic(_build_q8_block_sums_avx2)
+_q8_block_sums_avx2 = LazyIntrinsic(_build_q8_block_sums_avx2)
 
 
 @functools.cache
@@ -559,7 +530,7 @@ def _prefetch_ahead(qs_tile, d_tile, block, block_bytes):
 def _add_scaled_block(acc, sums, d, x_scale):
     """acc[i] += sums[i] * d[i] * x_scale over the 32 rows of a tile, for one block."""
     for i in range(32):
-        acc[i] += np.float32(sums[i]) * (_f16_to_f32(d[i]) * x_scale)
+        acc[i] += np.float32(sums[i]) * (f16_to_f32(d[i]) * x_scale)
 
 
 @jit()
@@ -568,7 +539,7 @@ def _add_scaled_q4_block(acc, sums, x_sum, d, x_scale):
     recovers the exact sum of (nibble-8)*xq, which fits int16."""
     offset = np.int16(8 * x_sum)
     for i in range(32):
-        acc[i] += np.float32(np.int16(sums[i] - offset)) * (_f16_to_f32(d[i]) * x_scale)
+        acc[i] += np.float32(np.int16(sums[i] - offset)) * (f16_to_f32(d[i]) * x_scale)
 
 
 @jit()
@@ -713,7 +684,7 @@ def _gemv_f16(w_bits, x, out):
     for r in prange(w_bits.shape[0]):
         total = np.float32(0)
         for c in range(w_bits.shape[1]):
-            total += _f16_to_f32(w_bits[r, c]) * x[c]
+            total += f16_to_f32(w_bits[r, c]) * x[c]
         out[r] = total
 
 

@@ -46,6 +46,46 @@ class LazyKernel:
         return (self._dispatcher or self.compile())(*args)
 
 
+class LazyIntrinsic(LazyKernel):
+    """A Numba @intrinsic made by `build()` when the first kernel calling it compiles, so importing a
+    kernel module stays Numba-free. Called from Python it runs `py_func` (a plain-Python equivalent),
+    when one is given."""
+
+    def __init__(self, build, py_func=None):
+        super().__init__(py_func or build, {})
+        self._build = build
+
+    def compile(self):
+        if self._dispatcher is None:
+            self._dispatcher = self._build()
+        return self._dispatcher
+
+    def __call__(self, *args):
+        if self.py_func is self._build:
+            raise TypeError(f"{self._build.__name__} is an intrinsic: call it from a jit kernel")
+        return self.py_func(*args)
+
+
+def _build_f16_to_f32():
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def f16_to_f32(typingctx, bits):
+        """fp16 bits (uint16) -> float32, exact (NaN/inf too): LLVM's target-independent fpext."""
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    return f16_to_f32
+
+
+f16_to_f32 = LazyIntrinsic(_build_f16_to_f32)
+
+
 def jit(parallel: bool = False, fastmath: bool = True):
     """Decorator: a lazily compiled Numba kernel (cache=True, so a second process does not recompile)."""
 

@@ -253,7 +253,8 @@ def test_attention_cost_per_format_and_gqa():
 
 
 def test_kv_append_cost():
-    assert at.kv_append_cost(32, 96, F16) == Cost(kv_bytes=2 * 3072 * 2, act_bytes=2 * 3072 * 4)
+    assert at.kv_append_cost(32, 96, F16) == Cost(flops=2 * 3072, kv_bytes=2 * 3072 * 2, act_bytes=2 * 3072 * 4)  # one conversion per element
+    assert at.kv_append_cost(32, 96, F32).flops == 0  # a copy
     assert at.kv_append_cost(32, 96, "q8_0") == Cost(flops=4 * 3072, kv_bytes=2 * 96 * 34, act_bytes=2 * 3072 * 4)
     assert at.kv_append_cost(32, 96, F32).kv_bytes == 2 * 3072 * 4
 
