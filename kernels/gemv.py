@@ -151,37 +151,43 @@ def _gguf_blocks(raw: np.ndarray, block_bytes: int, what: str) -> tuple[int, int
     return rows, n_blocks * BLOCK, raw.reshape(rows, n_blocks, block_bytes)
 
 
-def _tile_rows(a: np.ndarray) -> np.ndarray:
-    """(rows, ...) -> (n_tiles, 32, ...), zero rows appended up to a multiple of 32."""
-    pad = _n_tiles(a.shape[0]) * ROW_TILE - a.shape[0]
-    if pad:
-        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-    return a.reshape((-1, ROW_TILE) + a.shape[1:])
+@jit(parallel=True)
+def _pack_tiles(blocks, qs, d):
+    """GGUF blocks uint8 (rows, n_blocks, 2 + payload) -> qs (n_tiles, n_blocks, 32 * payload), d uint16
+    (n_tiles, n_blocks, 32). Payload byte 2p+c of row 32t+16h+i lands at ((p*2 + h)*16 + i)*2 + c; rows
+    past the end (the last tile's padding) stay zero, with a zero scale. A copy loop: 2.2 GB of Phi-3
+    Mini q4_0 repack in ~2 s, where NumPy's 6-D transpose took ~30 s."""
+    rows, n_blocks, n_pairs = blocks.shape[0], blocks.shape[1], (blocks.shape[2] - 2) // 2
+    for t in prange(qs.shape[0]):
+        for r in range(min(32, rows - t * 32)):
+            row, h, i = t * 32 + r, r // 16, r % 16
+            for b in range(n_blocks):
+                d[t, b, r] = np.uint16(blocks[row, b, 0]) | (np.uint16(blocks[row, b, 1]) << np.uint16(8))
+                for p in range(n_pairs):
+                    base = ((p * 2 + h) * 16 + i) * 2
+                    qs[t, b, base] = blocks[row, b, 2 + 2 * p]
+                    qs[t, b, base + 1] = blocks[row, b, 3 + 2 * p]
 
 
-def _tile_scales(d_rows: np.ndarray) -> np.ndarray:
-    """fp16 bits (rows, n_blocks) -> (n_tiles, n_blocks, 32)."""
-    return np.ascontiguousarray(_tile_rows(d_rows).transpose(0, 2, 1))
+def _pack(raw: np.ndarray, block_bytes: int, what: str):
+    rows, cols, blocks = _gguf_blocks(raw, block_bytes, what)
+    n_tiles, n_blocks = _n_tiles(rows), cols // BLOCK
+    qs = np.zeros((n_tiles, n_blocks, ROW_TILE * (block_bytes - 2)), np.uint8)
+    d = np.zeros((n_tiles, n_blocks, ROW_TILE), np.uint16)
+    _pack_tiles(np.ascontiguousarray(blocks), qs, d)
+    return rows, cols, qs, d
 
 
 def pack_q4_0(raw: np.ndarray) -> PackedQ4_0:
     """GGUF Q4_0 bytes, uint8 (rows, cols/32*18), as GGUFReader exposes them -> PackedQ4_0."""
-    rows, cols, blocks = _gguf_blocks(raw, Q4_0.block_bytes, "pack_q4_0")
-    d = blocks[:, :, :2].copy().view(np.uint16)[:, :, 0]
-    nibbles = _tile_rows(blocks[:, :, 2:])  # (t, 32 rows, b, 16 bytes)
-    n_tiles, n_blocks = nibbles.shape[0], nibbles.shape[2]
-    qs = nibbles.reshape(n_tiles, 2, 16, n_blocks, 8, 2).transpose(0, 3, 4, 1, 2, 5)  # t b p h i c
-    return PackedQ4_0(rows, cols, np.ascontiguousarray(qs).reshape(n_tiles, n_blocks, -1), _tile_scales(d))
+    rows, cols, qs, d = _pack(raw, Q4_0.block_bytes, "pack_q4_0")
+    return PackedQ4_0(rows, cols, qs, d)
 
 
 def pack_q8_0(raw: np.ndarray) -> PackedQ8_0:
     """GGUF Q8_0 bytes, uint8 (rows, cols/32*34) -> PackedQ8_0."""
-    rows, cols, blocks = _gguf_blocks(raw, Q8_0.block_bytes, "pack_q8_0")
-    d = blocks[:, :, :2].copy().view(np.uint16)[:, :, 0]
-    weights = _tile_rows(blocks[:, :, 2:].view(np.int8))  # (t, 32 rows, b, 32)
-    n_tiles, n_blocks = weights.shape[0], weights.shape[2]
-    qs = weights.reshape(n_tiles, 2, 16, n_blocks, 16, 2).transpose(0, 3, 4, 1, 2, 5)  # t b p h i c
-    return PackedQ8_0(rows, cols, np.ascontiguousarray(qs).reshape(n_tiles, n_blocks, -1), _tile_scales(d))
+    rows, cols, qs, d = _pack(raw, Q8_0.block_bytes, "pack_q8_0")
+    return PackedQ8_0(rows, cols, qs.view(np.int8), d)
 
 
 def unpack_to_f32(weights: Weights) -> np.ndarray:
