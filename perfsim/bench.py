@@ -105,11 +105,12 @@ def bench_decode(contexts=(16, 512), n_tokens: int = 16) -> None:
     from perfsim.engine import Engine
     from perfsim.kernels import attention, gemv
     from perfsim.measure import available_threads, measure_decode
+    from perfsim.quant import F16
 
     threads = sorted({1, available_threads()})
     gemv.main(format_names=("q4_0",), thread_counts=tuple(threads))
     print()
-    attention.main(formats=("f16",), rounds=3)
+    attention.main(formats=(F16,), rounds=3)
     print()
     path = benchmark_gguf_path()
     engine = Engine.from_gguf(path)
