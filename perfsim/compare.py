@@ -7,6 +7,7 @@ measured, so +5% tokens/s means the model promised 5% more speed than the host d
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -83,8 +84,19 @@ class Comparison:
         return out
 
 
-def compare(device: Device, measurement: Measurement) -> Comparison:
+def with_same_run_bandwidth(device: Device, threads: int, stream_gb_s: float) -> Device:
+    """The calibrated host with its memory roof at `threads` replaced by the one measured beside the
+    decode (a streaming-read microbenchmark, not the decode): the DRAM of a shared host drifts."""
+    unit = device.unit()
+    table = {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s}
+    unit = dataclasses.replace(unit, bandwidth_gb_s_by_threads=table)
+    return dataclasses.replace(device, units={**device.units, unit.name: unit})
+
+
+def compare(device: Device, measurement: Measurement, same_run_bandwidth: bool = True) -> Comparison:
     m = measurement
+    if same_run_bandwidth and m.stream_gb_s > 0:
+        device = with_same_run_bandwidth(device, m.threads, m.stream_gb_s)
     predictions = tuple(predict(m.model, m.formats, device, context, prompt_tokens=1, threads=m.threads) for context in m.contexts)
     return Comparison(device, m, predictions)
 

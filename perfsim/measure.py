@@ -31,6 +31,7 @@ class Measurement:
     warmup_s: float  # first step, JIT compile or cache load included, minus a steady step
     peak_rss_bytes: int
     weights_origin: str
+    stream_gb_s: float = 0.0  # streaming read bandwidth measured just before and after the steps (mean)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -86,6 +87,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
     warmup_step_s = time.perf_counter() - start
     session.position = first
+    bandwidth_before = same_run_read_gb_s(threads)
     token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
         start = time.perf_counter()
@@ -94,6 +96,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         token = session.next_token
         for name, seconds in session.op_seconds.items():
             ops[name].append(seconds)
+    bandwidth_after = same_run_read_gb_s(threads)
     return Measurement(
         model=engine.model,
         formats=engine.formats,
@@ -105,7 +108,23 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         warmup_s=max(warmup_step_s - statistics.median(steps), 0.0),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         weights_origin=engine.weights.origin,
+        stream_gb_s=(bandwidth_before + bandwidth_after) / 2,
     )
+
+
+_STREAM_BUFFER = []
+
+
+def same_run_read_gb_s(threads: int) -> float:
+    """Best of 3 streaming reads of 128 MiB: the memory roof at the moment of a measurement. Other VMs
+    share this host's DRAM; its bandwidth drifted 16-21 GB/s on one core over minutes here."""
+    from perfsim.kernels.stream import read_pass_s, stream_buffer, sum_int64
+
+    if not _STREAM_BUFFER:
+        _STREAM_BUFFER.append(stream_buffer(128 * 2**20))
+    data = _STREAM_BUFFER[0]
+    sum_int64(data)
+    return data.nbytes / min(read_pass_s(data) for _ in range(3)) / 1e9
 
 
 def measurement_record(m: Measurement) -> dict:
@@ -120,6 +139,7 @@ def measurement_record(m: Measurement) -> dict:
         "load_s": m.load_s,
         "warmup_s": m.warmup_s,
         "peak_rss_bytes": m.peak_rss_bytes,
+        "stream_gb_s": m.stream_gb_s,
         "weights": m.weights_origin,
         "ops": [{"name": name, "kind": kinds[name], "time_s": m.op_time_s(name)} for name in m.op_seconds],
     }
