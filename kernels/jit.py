@@ -101,6 +101,12 @@ def set_threads(n_threads: int) -> None:
     numba.set_num_threads(n_threads)
 
 
+def threads_in_use() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
 def max_threads() -> int:
     import numba
 

@@ -53,6 +53,11 @@ def math_precision(weights: QuantFormat) -> str:
     return "int8"
 
 
+def attention_kernel(kv_format: str, n_heads: int, n_kv_heads: int) -> str:
+    """Calibration key of the attention kernel: grouped-query attention has its own compute roof."""
+    return f"attention.{kv_format}" + (".gqa" if n_kv_heads < n_heads else "")
+
+
 def check_context(model: ModelSpec, context: int, what: str = "context") -> None:
     if context < 1:
         raise UserError(f"{what} must be at least 1 token, got {context}")
@@ -82,7 +87,8 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
         layer_gemv("attn_qkv"),
         Op("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), "f32", L, "rope"),
         Op("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), "f32", L, f"kv_append.{kv}"),
-        Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache), "f32", L, f"attention.{kv}"),
+        Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache), "f32", L,
+           attention_kernel(kv, model.n_heads, model.n_kv_heads)),
         layer_gemv("attn_output"),
         Op("attn_residual", RESIDUAL, residual_add_cost(d), "f32", L, "residual_add"),
         Op("ffn_norm", NORM, rmsnorm_cost(d), "f32", L, "rmsnorm"),
