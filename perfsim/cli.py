@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-json", metavar="PATH", help="a saved 'perfsim profile --device host --json' to add measured points")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("gate", help="CI performance gate: same-run ratios against a committed baseline (exit 1 on a regression)")
+    from perfsim.gate import add_gate_arguments, main as gate_main
+
+    add_gate_arguments(p)
+    p.set_defaults(func=gate_main)
+
     p = sub.add_parser("devices", help="list device profiles")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)

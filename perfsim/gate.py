@@ -83,7 +83,6 @@ DETERMINISTIC_RTOL = 1e-9
 DIRECTIONS = ("higher", "lower", "abs_lower", "equal")
 DIRECTION_TEXT = {"higher": "higher is better", "lower": "lower is better", "abs_lower": "closer to 0 is better",
                   "equal": "must not move"}
-TOLERANCE_KINDS = ("relative", "absolute", "exact")
 
 # --- what is measured --------------------------------------------------------------------------------------
 # q4_0 at Phi-3 Mini's qkv, gate_up and down shapes; q8_0 at one shape.
@@ -401,22 +400,16 @@ def decode_probes(host: Host) -> list[Probe]:
 # --- suite: accuracy -----------------------------------------------------------------------------------------
 
 
-def rebased_profile(device, bandwidth_gb_s_by_threads: dict):
-    """The host profile with its measured read bandwidth replaced by this run's (the other roofs kept)."""
-    unit = device.unit()
-    table = dict(unit.bandwidth_gb_s_by_threads) | bandwidth_gb_s_by_threads
-    units = dict(device.units) | {unit.name: dataclasses.replace(unit, bandwidth_gb_s_by_threads=table)}
-    return dataclasses.replace(device, units=units, peak_bandwidth_gb_s=max(device.peak_bandwidth_gb_s, *table.values()))
-
-
 def _measurement(engine, threads: int, rounds, context: int):
-    """Rounds as a perfsim.measure.Measurement: one measured decode step each, all at `context`."""
+    """Rounds as a perfsim.measure.Measurement: one measured decode step each, all at `context`, with
+    the streaming bandwidth measured right before them as its same-run memory roof."""
     from perfsim.measure import Measurement
 
     return Measurement(model=engine.model, formats=engine.formats, threads=threads, contexts=(context,) * len(rounds),
                        step_seconds=tuple(r.work_s for r in rounds),
                        op_seconds={name: tuple(r.result[name] for r in rounds) for name in rounds[0].result},
-                       load_s=0.0, warmup_s=0.0, peak_rss_bytes=0, weights_origin=engine.weights.origin)
+                       load_s=0.0, warmup_s=0.0, peak_rss_bytes=0, weights_origin=engine.weights.origin,
+                       stream_gb_s=statistics.median(r.stream_gb_s for r in rounds))
 
 
 def _host_accuracy_probe(host: Host, context: int) -> Probe:
@@ -431,16 +424,16 @@ def _host_accuracy_probe(host: Host, context: int) -> Probe:
         calls.append(1)
 
         def error(r: Round) -> float:  # this round's step against the prediction at this round's bandwidth
-            return compare(rebased_profile(profile, {threads: r.stream_gb_s}), _measurement(engine, threads, [r], context)).tokens_per_s_error
+            return compare(profile, _measurement(engine, threads, [r], context)).tokens_per_s_error
 
         whole = _measurement(engine, threads, rounds.used, context)
         return rounds.sample(error, measured_tokens_per_s=whole.decode_tokens_per_s,
                              profile_bandwidth_gb_s=profile.unit().bandwidth_gb_s_by_threads.get(threads),
-                             error_with_profile_bandwidth=compare(profile, whole).tokens_per_s_error)
+                             error_with_profile_bandwidth=compare(profile, whole, same_run_bandwidth=False).tokens_per_s_error)
 
     return Probe(f"accuracy.host.ctx{context}.{thread_tag(threads, host)}",
-                 f"signed error (predicted - measured) / measured of decode tokens/s on this host (perfsim.compare), "
-                 f"{decode_model().name} q4_0 at context {context}, {threads} thread(s); host profile with the same-round read bandwidth",
+                 f"signed error (predicted - measured) / measured of decode tokens/s on this host (perfsim.compare, with the "
+                 f"read bandwidth of the same round), {decode_model().name} q4_0 at context {context}, {threads} thread(s)",
                  "abs_lower", "absolute", measure, display="error")
 
 
@@ -464,10 +457,15 @@ def accuracy_probes(host: Host) -> list[Probe]:
 
     probes = [_host_accuracy_probe(host, context) for context in DECODE_CONTEXTS]
     models = preset_models()
+    names = set()
     for device in builtin_devices().values():
         for ref in device.references:
             if ref.model in models:
-                probes.append(_reference_probe(device, ref, models[ref.model]))
+                probe = _reference_probe(device, ref, models[ref.model])
+                if probe.name in names:  # two references to one configuration: one prediction is enough
+                    continue
+                names.add(probe.name)
+                probes.append(probe)
     return probes
 
 
@@ -594,7 +592,7 @@ class Row:
     direction: str
     tolerance_kind: str
     display: str
-    verdict: str  # pass | better | FAIL | missing | new | baselined
+    verdict: str  # pass | better | FAIL | missing (fails) | not measured (other machine) | new | baselined
     baseline: float | None = None
     tolerance: float | None = None
     now: float | None = None
@@ -709,9 +707,10 @@ def run_gate(suites: list[str] | None, baseline_path, update_baseline: bool, jso
                     raise UserError(f"the baseline {path} was made on another machine ({describe_machine(baseline['machine'])}); "
                                     f"this is {describe_machine(machine)}: its tolerances do not apply here. Make a baseline on this "
                                     "machine (--update-baseline) or pass --allow-other-machine to compare the same-run ratios anyway")
-                notes.append(f"baseline from another machine ({describe_machine(baseline['machine'])}; this is {describe_machine(machine)}): "
-                             "compared the same-run-normalized ratios only (every metric here is one: kernel and decode rates over "
-                             "this run's stream bandwidth, prediction errors), with that machine's tolerances (--allow-other-machine)")
+                notes.append(f"baseline from another machine ({describe_machine(baseline['machine'])}; this is {describe_machine(machine)}), "
+                             "compared anyway as --allow-other-machine asks: only same-run-normalized ratios are compared (kernel and "
+                             "decode rates over this run's stream bandwidth, prediction errors) and deterministic predictions, never an "
+                             "absolute speed; the tolerances are that machine's")
             rows = _check(host, suite_names, metrics, baseline, tell, other)
     finally:
         _restore_threads(previous_threads)
@@ -886,7 +885,7 @@ def _update(host: Host, suite_names, patterns, path: Path, machine: dict, runs: 
     _write_atomic(path, json.dumps(baseline, indent=2) + "\n")
     if kept:
         notes.append(f"kept {len(kept)} metrics of other suites from the previous baseline")
-    notes.append(f"baseline written to {path}: {len(entries)} metrics from {runs} runs")
+    notes.append(f"baseline written to {path}: {len(entries)} metric(s) from {runs} run(s)")
     return rows, notes
 
 
@@ -993,13 +992,13 @@ def _summary(rows: list[Row], update: bool, seconds: float, load_start, load_end
     if load_start is not None:
         load = f"; 1-minute load average {load_start:.2f} at start, {load_end:.2f} at end"
     if update:
-        return [f"gate baseline: {len(rows)} metrics measured in {seconds:.0f} s{load}"]
+        return [f"gate baseline: {len(rows)} metric(s) measured in {seconds:.0f} s{load}"]
     counts = {}
     for r in rows:
         counts[r.verdict] = counts.get(r.verdict, 0) + 1
     failed = [r.name for r in rows if r.failed]
     verdict = f"FAIL: {len(failed)} regressed ({', '.join(failed)})" if failed else "pass"
-    lines = [f"gate: {verdict}; {len(rows)} metrics ({', '.join(f'{n} {v}' for v, n in counts.items())}) against {path}, "
+    lines = [f"gate: {verdict}; {len(rows)} metric(s) ({', '.join(f'{n} {v}' for v, n in counts.items())}) against {path}, "
              f"in {seconds:.0f} s{load}"]
     measured = [r for r in rows if r.sample is not None and r.tolerance_kind != "exact"]
     if measured:
