@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfsim.cost import Cost
-from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, prange, set_threads
+from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, prange, set_threads, zeros_huge_pages
 from perfsim.quant import F16, F32, Q4_0, Q8_0, QuantFormat
 
 ROW_TILE = 32  # rows per tile: 2 x 16 int16 lanes, i.e. two 256-bit vectors per step
@@ -172,8 +172,8 @@ def _pack_tiles(blocks, qs, d):
 def _pack(raw: np.ndarray, block_bytes: int, what: str):
     rows, cols, blocks = _gguf_blocks(raw, block_bytes, what)
     n_tiles, n_blocks = _n_tiles(rows), cols // BLOCK
-    qs = np.zeros((n_tiles, n_blocks, ROW_TILE * (block_bytes - 2)), np.uint8)
-    d = np.zeros((n_tiles, n_blocks, ROW_TILE), np.uint16)
+    qs = zeros_huge_pages((n_tiles, n_blocks, ROW_TILE * (block_bytes - 2)), np.uint8)
+    d = zeros_huge_pages((n_tiles, n_blocks, ROW_TILE), np.uint16)
     _pack_tiles(np.ascontiguousarray(blocks), qs, d)
     return rows, cols, qs, d
 
@@ -231,8 +231,8 @@ def _random_packed(rows: int, cols: int, seed: int, bytes_per_tile_block: int, r
     _check_cols(cols, "a random block-quantized matrix")
     n_tiles, n_blocks = _n_tiles(rows), cols // BLOCK
     rng = np.random.default_rng(seed)
-    qs = np.empty((n_tiles, n_blocks, bytes_per_tile_block), np.uint8)
-    d = np.empty((n_tiles, n_blocks, ROW_TILE), np.uint16)
+    qs = zeros_huge_pages((n_tiles, n_blocks, bytes_per_tile_block), np.uint8)
+    d = zeros_huge_pages((n_tiles, n_blocks, ROW_TILE), np.uint16)
     for start in range(0, n_tiles, _RANDOM_TILES_PER_CHUNK):
         stop = min(start + _RANDOM_TILES_PER_CHUNK, n_tiles)
         qs[start:stop] = random_bytes(rng, (stop - start, n_blocks, bytes_per_tile_block))
@@ -263,7 +263,7 @@ def random_q8_0(rows: int, cols: int, seed: int = 0) -> PackedQ8_0:
 
 def _random_float(rows: int, cols: int, seed: int, dtype) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    w = np.empty((rows, cols), dtype)
+    w = zeros_huge_pages((rows, cols), dtype)
     chunk_rows = _RANDOM_TILES_PER_CHUNK * ROW_TILE
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
