@@ -99,11 +99,12 @@ def test_passes_by_direction(direction, baseline, tolerance, now, ok):
 
 
 def test_lower_is_better_metric_fails_when_it_rises_and_passes_when_it_falls(baselined, fake, tmp_path):
-    fake.values["fake.latency"] = 2.3  # +15%, beyond the 10% tolerance, the bad way
+    worse = round(2.0 * (1 + gate.RELATIVE_FLOOR + 0.05), 6)  # beyond the tolerance, the bad way
+    fake.values["fake.latency"] = worse
     report = tmp_path / "r.json"
     assert gate_run(baselined, json_path=report) == 1
     rows = {r["name"]: r for r in json.loads(report.read_text())["metrics"]}
-    assert rows["fake.latency"]["verdict"] == "FAIL" and rows["fake.latency"]["attempts"] == [2.3, 2.3, 2.3]
+    assert rows["fake.latency"]["verdict"] == "FAIL" and rows["fake.latency"]["attempts"] == [worse, worse, worse]
     assert rows["fake.speed"]["verdict"] == "pass"
 
     fake.values["fake.latency"] = 1.5  # -25%: better, never a failure
@@ -113,7 +114,7 @@ def test_lower_is_better_metric_fails_when_it_rises_and_passes_when_it_falls(bas
 
 
 def test_higher_is_better_metric_fails_when_it_falls(baselined, fake):
-    fake.values["fake.speed"] = 0.85
+    fake.values["fake.speed"] = 1 - gate.RELATIVE_FLOOR - 0.05
     assert gate_run(baselined) == 1
     fake.values["fake.speed"] = 1.5
     assert gate_run(baselined) == 0
@@ -256,7 +257,7 @@ def test_markdown_and_json_outputs(baselined, fake, tmp_path):
     floor = f"±{gate.RELATIVE_FLOOR:.0%}"
     assert speed.split(" | ")[1:5] == ["1.000", floor, "0.700", "-30.0%"] and speed.endswith("**FAIL (3 tries)** |")
     assert f"| fake.latency | 2.000 | {floor} | 2.000 | +0.0% | 15/17 |" in text
-    assert "| fake.error | +0.050 | ±0.050 | +0.050 | +0.000 |" in text
+    assert f"| fake.error | +0.050 | ±{gate.ABSOLUTE_FLOOR:.3f} | +0.050 | +0.000 |" in text
     data = json.loads(js.read_text())
     assert data["verdict"] == "fail" and data["exit_code"] == 1 and data["suites"] == ["fake"]
     rows = {r["name"]: r for r in data["metrics"]}
