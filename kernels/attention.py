@@ -32,6 +32,7 @@ from perfsim.kernels.jit import LazyIntrinsic, LazyKernel, jit, prange, zeros_hu
 from perfsim.quant import F16, F32, Q8_0, QuantFormat, quant_format
 
 KV_FORMATS = (F16, Q8_0, F32)  # what KVCache stores; f16 is the default
+KV_FORMAT_NAMES = tuple(f.name for f in KV_FORMATS)
 Q8_BLOCK = Q8_0.block_size
 F32_BYTES = 4
 _LOWEST_F32 = np.float32(-3.4028234663852886e38)  # not -inf: fastmath lets LLVM assume no infinities
@@ -178,6 +179,15 @@ def new_kv_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format: QuantFo
             zeros_huge_pages(blocks, np.uint16),
         )
     raise ValueError(f"the KV cache stores {', '.join(f.name for f in KV_FORMATS)}, not {kv_format.name}")
+
+
+def kv_cache_format(name: str) -> QuantFormat:
+    """A KV-cache format by name; the user's error if the cache cannot store it."""
+    from perfsim.errors import UserError
+
+    if name not in KV_FORMAT_NAMES:
+        raise UserError(f"the KV cache stores {', '.join(KV_FORMAT_NAMES)}, not {name!r}")
+    return quant_format(name)
 
 
 # --- NumPy references ------------------------------------------------------------------------------------

@@ -265,21 +265,10 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def best_read_gb_s(threads: int, data, repeats: int = 9) -> float:
-    """The memory roof: the best of `repeats` streaming passes. A roof is what the machine can do; on a
-    shared box the median of 5 passes varied 16-20 GB/s on one core between runs, the best 19-21."""
-    from perfsim.kernels.jit import set_threads
-    from perfsim.kernels.stream import read_pass_s, sum_int64
-
-    set_threads(threads)
-    sum_int64(data)
-    return data.nbytes / min(read_pass_s(data) for _ in range(repeats)) / 1e9
-
-
 def measure_host(progress=None) -> dict:
     """All the microbenchmarks; returns the host profile as YAML-ready data."""
     from perfsim.kernels.jit import set_threads
-    from perfsim.kernels.stream import stream_buffer, sum_int64
+    from perfsim.kernels.stream import best_read_gb_s, stream_buffer, sum_int64
     from perfsim.measure import available_threads
 
     started = time.perf_counter()
@@ -297,7 +286,7 @@ def measure_host(progress=None) -> dict:
     bandwidth_gb_s, kernel_roofs = {}, {b.kernel: {} for b in parallel + serial}
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
-        bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data))
+        bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")

@@ -113,12 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _formats(args):
-    from perfsim.quant import Formats, quant_format
+    from perfsim.workload import formats_from_names
 
-    kv = quant_format(args.kv_cache)
-    if kv.name not in ("f32", "f16", "q8_0"):
-        raise UserError(f"--kv-cache must be f32, f16 or q8_0, got {args.kv_cache!r}")
-    return Formats(weights=quant_format(args.weights), activations=quant_format(args.activations), kv_cache=kv)
+    return formats_from_names(args.weights, args.kv_cache, args.activations)
 
 
 def _device(args):

@@ -18,16 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from perfsim.errors import UserError
-from perfsim.kernels.attention import KVCache, attention, kv_append, new_kv_cache
+from perfsim.kernels.attention import KVCache, attention, kv_append, kv_cache_format, new_kv_cache
 from perfsim.kernels.embedding import embedding_row
 from perfsim.kernels.elementwise import argmax, residual_add, rmsnorm, rope_rotate, rope_tables, silu_mul
-from perfsim.kernels.gemv import gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0, weight_format
+from perfsim.kernels.gemv import gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0
 from perfsim.model import ModelSpec
 from perfsim.quant import F32, Formats, QuantFormat, quant_format
-from perfsim.workload import decode_ops
+from perfsim.workload import check_context, decode_ops
 
 OP_NAMES = tuple(op.name for op in decode_ops(ModelSpec("any", 1, 32, 1, 1, 32, 32, 2), Formats(), 1))
-KV_CACHE_FORMATS = ("f16", "q8_0", "f32")
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,7 @@ def load_gguf(path: str | Path) -> Weights:
 # --- deterministic random weights ----------------------------------------------------------------------------
 
 _RANDOM_MATRIX = {"q4_0": random_q4_0, "q8_0": random_q8_0, "f16": random_f16, "f32": random_f32}
+WEIGHT_FORMATS = tuple(_RANDOM_MATRIX)  # what the engine runs (and what a GGUF may hold)
 
 
 def _random_embedding(vocab: int, hidden: int, fmt: QuantFormat, seed: int) -> Embedding:
@@ -133,7 +133,7 @@ def random_weights(model: ModelSpec, weight_format: str | QuantFormat = "q4_0", 
     """Phi-3-shaped weights from a seeded generator, each matrix made directly in the GEMV's format."""
     fmt = quant_format(weight_format) if isinstance(weight_format, str) else weight_format
     if fmt.name not in _RANDOM_MATRIX:
-        raise UserError(f"the engine runs f32, f16, q8_0 and q4_0 weights, not {fmt.name}")
+        raise UserError(f"the engine runs {', '.join(WEIGHT_FORMATS)} weights, not {fmt.name}")
     make = _RANDOM_MATRIX[fmt.name]
     shapes = model.layer_matrices()
     ones = np.ones(model.hidden_size, np.float32)
@@ -158,11 +158,9 @@ def random_weights(model: ModelSpec, weight_format: str | QuantFormat = "q4_0", 
 
 class Engine:
     def __init__(self, weights: Weights, kv_format: str = "f16"):
-        if kv_format not in KV_CACHE_FORMATS:
-            raise UserError(f"KV cache format must be one of {', '.join(KV_CACHE_FORMATS)}, got {kv_format!r}")
         self.weights = weights
         self.model = weights.model
-        self.formats = Formats(weights=weights.weight_format, activations=F32, kv_cache=quant_format(kv_format))
+        self.formats = Formats(weights=weights.weight_format, activations=F32, kv_cache=kv_cache_format(kv_format))
 
     @classmethod
     def from_gguf(cls, path, kv_format: str = "f16") -> "Engine":
@@ -173,8 +171,7 @@ class Engine:
         return cls(random_weights(model, weight_format, seed), kv_format)
 
     def session(self, max_context: int) -> "Session":
-        if not 1 <= max_context <= self.model.max_context:
-            raise UserError(f"context of {max_context} tokens is outside {self.model.name}'s limit of {self.model.max_context}")
+        check_context(self.model, max_context)
         return Session(self, max_context)
 
 
@@ -190,6 +187,9 @@ class Session:
         self.position = 0  # of the next token
         self.next_token = -1  # argmax of the last logits
         self.op_seconds = dict.fromkeys(OP_NAMES, 0.0)  # of the last step, each op summed over layers
+        # The ops of one step in execution order: the workload's names, layer ops once per layer.
+        layer_ops = OP_NAMES[1:-3]
+        self.op_sequence = OP_NAMES[:1] + layer_ops * m.n_layers + OP_NAMES[-3:]
         f32 = np.float32
         self.x = np.zeros(m.hidden_size, f32)  # residual stream
         self.xn = np.zeros(m.hidden_size, f32)  # normed input of a block
@@ -212,64 +212,34 @@ class Session:
             raise UserError(f"the session holds {self.max_context} positions; position {pos} is beyond it")
         if not 0 <= token < m.vocab_size:
             raise UserError(f"token {token} is outside the vocabulary (0..{m.vocab_size - 1})")
-        seconds = dict.fromkeys(OP_NAMES, 0.0)
         clock = time.perf_counter
         eps, cos, sin = m.rms_norm_eps, self.rope.cos[pos], self.rope.sin[pos]
         x, xn = self.x, self.xn
+        marks = [clock()]  # one after each op, in the order of self.op_sequence
+        tick = marks.append
 
-        t0 = clock()
-        w.token_embd.row(token, x)
-        t1 = clock()
-        seconds["token_embd"] += t1 - t0
+        w.token_embd.row(token, x); tick(clock())  # noqa: E702 (op and its mark on one line)
         for i, layer in enumerate(w.layers):
-            t0 = clock()
-            rmsnorm(x, layer.attn_norm, eps, xn)
-            t1 = clock()
-            gemv(layer.attn_qkv, xn, self.qkv)
-            t2 = clock()
+            rmsnorm(x, layer.attn_norm, eps, xn); tick(clock())  # noqa: E702
+            gemv(layer.attn_qkv, xn, self.qkv); tick(clock())  # noqa: E702
             rope_rotate(self.q, cos, sin)
-            rope_rotate(self.k, cos, sin)
-            t3 = clock()
-            kv_append(self.cache, i, pos, self.k, self.v)
-            t4 = clock()
-            attention(self.q, self.cache, i, pos + 1, self.attn_heads)
-            t5 = clock()
-            gemv(layer.attn_output, self.attn, self.proj)
-            t6 = clock()
-            residual_add(x, self.proj)
-            t7 = clock()
-            rmsnorm(x, layer.ffn_norm, eps, xn)
-            t8 = clock()
-            gemv(layer.ffn_gate_up, xn, self.gate_up)
-            t9 = clock()
-            silu_mul(self.gate_up, self.act)
-            t10 = clock()
-            gemv(layer.ffn_down, self.act, self.proj)
-            t11 = clock()
-            residual_add(x, self.proj)
-            t12 = clock()
-            seconds["attn_norm"] += t1 - t0
-            seconds["attn_qkv"] += t2 - t1
-            seconds["rope"] += t3 - t2
-            seconds["kv_append"] += t4 - t3
-            seconds["attention"] += t5 - t4
-            seconds["attn_output"] += t6 - t5
-            seconds["attn_residual"] += t7 - t6
-            seconds["ffn_norm"] += t8 - t7
-            seconds["ffn_gate_up"] += t9 - t8
-            seconds["ffn_act"] += t10 - t9
-            seconds["ffn_down"] += t11 - t10
-            seconds["ffn_residual"] += t12 - t11
-        t0 = clock()
-        rmsnorm(x, w.output_norm, eps, xn)
-        t1 = clock()
-        gemv(w.lm_head, xn, self.logits)
-        t2 = clock()
-        self.next_token = int(argmax(self.logits))
-        t3 = clock()
-        seconds["output_norm"] += t1 - t0
-        seconds["lm_head"] += t2 - t1
-        seconds["argmax"] += t3 - t2
+            rope_rotate(self.k, cos, sin); tick(clock())  # noqa: E702
+            kv_append(self.cache, i, pos, self.k, self.v); tick(clock())  # noqa: E702
+            attention(self.q, self.cache, i, pos + 1, self.attn_heads); tick(clock())  # noqa: E702
+            gemv(layer.attn_output, self.attn, self.proj); tick(clock())  # noqa: E702
+            residual_add(x, self.proj); tick(clock())  # noqa: E702
+            rmsnorm(x, layer.ffn_norm, eps, xn); tick(clock())  # noqa: E702
+            gemv(layer.ffn_gate_up, xn, self.gate_up); tick(clock())  # noqa: E702
+            silu_mul(self.gate_up, self.act); tick(clock())  # noqa: E702
+            gemv(layer.ffn_down, self.act, self.proj); tick(clock())  # noqa: E702
+            residual_add(x, self.proj); tick(clock())  # noqa: E702
+        rmsnorm(x, w.output_norm, eps, xn); tick(clock())  # noqa: E702
+        gemv(w.lm_head, xn, self.logits); tick(clock())  # noqa: E702
+        self.next_token = int(argmax(self.logits)); tick(clock())  # noqa: E702
+
+        seconds = dict.fromkeys(OP_NAMES, 0.0)
+        for name, start, stop in zip(self.op_sequence, marks, marks[1:]):
+            seconds[name] += stop - start
         self.op_seconds = seconds
         self.position = pos + 1
         return self.logits

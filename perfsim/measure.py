@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.quant import Formats
-from perfsim.workload import decode_ops, memory_footprint
+from perfsim.workload import check_context, decode_ops, memory_footprint
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ def check_run(model: ModelSpec, formats: Formats, context: int, n_tokens: int) -
 
     if n_tokens < 1:
         raise UserError(f"--tokens must be at least 1, got {n_tokens}")
-    if context > model.max_context:
-        raise UserError(f"context of {context} tokens is longer than {model.name}'s limit of {model.max_context} tokens")
+    check_context(model, context)
     if n_tokens > context:
         raise UserError(f"--tokens ({n_tokens}) cannot exceed --context ({context}): the measured tokens end at the context")
     needed = memory_footprint(model, formats, context).total_bytes
@@ -118,13 +117,11 @@ _STREAM_BUFFER = []
 def same_run_read_gb_s(threads: int) -> float:
     """Best of 3 streaming reads of 128 MiB: the memory roof at the moment of a measurement. Other VMs
     share this host's DRAM; its bandwidth drifted 16-21 GB/s on one core over minutes here."""
-    from perfsim.kernels.stream import read_pass_s, stream_buffer, sum_int64
+    from perfsim.kernels.stream import best_read_gb_s, stream_buffer
 
     if not _STREAM_BUFFER:
         _STREAM_BUFFER.append(stream_buffer(128 * 2**20))
-    data = _STREAM_BUFFER[0]
-    sum_int64(data)
-    return data.nbytes / min(read_pass_s(data) for _ in range(3)) / 1e9
+    return best_read_gb_s(threads, _STREAM_BUFFER[0], repeats=3)
 
 
 def measurement_record(m: Measurement) -> dict:

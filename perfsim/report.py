@@ -211,7 +211,7 @@ def format_comparison(c) -> str:
         f"{m.model.name} on this host ({m.threads} threads): weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
         f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}; prediction from {c.device.path}",
         "",
-        f"                 predicted    measured    error",
+        "                 predicted    measured    error",
         f"tokens/s         {c.predicted_tokens_per_s:9.2f}   {m.decode_tokens_per_s:9.2f}   {100 * c.tokens_per_s_error:+6.1f}%",
         f"ms/token         {c.predicted_ms_per_token:9.2f}   {m.ms_per_token:9.2f}",
         "",

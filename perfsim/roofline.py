@@ -42,7 +42,7 @@ def resolve_threads(unit: ComputeUnit, threads: int | None) -> int:
             raise UserError(f"--threads applies to CPU units; unit {unit.name!r} is a {unit.type}")
         return 0
     if threads is None:
-        return max(unit.bandwidth_gb_s_by_threads, default=unit.cores) if unit.bandwidth_gb_s_by_threads else unit.cores
+        return max(unit.bandwidth_gb_s_by_threads, default=unit.cores)
     if not 1 <= threads <= unit.cores:
         raise UserError(f"--threads must be between 1 and {unit.cores} (the unit's cores), got {threads}")
     return threads

@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from perfsim.engine import WEIGHT_FORMATS
 from perfsim.errors import UserError
+from perfsim.kernels.attention import kv_cache_format
 from perfsim.measure import Measurement, check_run, check_threads, measure_decode
 from perfsim.model import ModelSpec, resolve_model
 from perfsim.quant import Formats, quant_format
 
-ENGINE_WEIGHT_FORMATS = ("q4_0", "q8_0", "f16", "f32")
-KV_CACHE_FORMATS = ("f16", "q8_0", "f32")
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class RunPlan:
 
 def plan_run(gguf_path=None, model_name=None, weights=None, kv_cache="f16", context=256, n_tokens=16, threads=None, seed=0) -> RunPlan:
     threads = check_threads(threads)
-    if kv_cache not in KV_CACHE_FORMATS:
-        raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHE_FORMATS)}, got {kv_cache!r}")
+    kv_format = kv_cache_format(kv_cache)
     if gguf_path is not None:
         if model_name or weights:
             raise UserError("--model and --weights come from the GGUF file; give either --gguf or them")
@@ -45,9 +44,9 @@ def plan_run(gguf_path=None, model_name=None, weights=None, kv_cache="f16", cont
         return RunPlan(gguf_path, None, "", kv_cache, context, n_tokens, threads, seed)
     model = resolve_model(model_name or "phi-3-mini")
     weight_format = quant_format(weights or "q4_0")
-    if weight_format.name not in ENGINE_WEIGHT_FORMATS:
-        raise UserError(f"the engine runs {', '.join(ENGINE_WEIGHT_FORMATS)} weights, not {weight_format.name}")
-    check_run(model, Formats(weights=weight_format, kv_cache=quant_format(kv_cache)), context, n_tokens)
+    if weight_format.name not in WEIGHT_FORMATS:
+        raise UserError(f"the engine runs {', '.join(WEIGHT_FORMATS)} weights, not {weight_format.name}")
+    check_run(model, Formats(weights=weight_format, kv_cache=kv_format), context, n_tokens)
     return RunPlan(None, model, weight_format.name, kv_cache, context, n_tokens, threads, seed)
 
 

@@ -24,13 +24,14 @@ import perfsim
 from perfsim.device import Device, builtin_devices, device_from_data
 from perfsim.errors import UserError
 from perfsim.model import ModelSpec, get_model
-from perfsim.quant import Formats, quant_format
+from perfsim.quant import Formats
 from perfsim.roofline import Prediction, predict, resolve_threads, unit_roofs
-from perfsim.workload import decode_ops
+from perfsim.kernels.attention import KV_FORMAT_NAMES
+from perfsim.workload import decode_ops, formats_from_names
 
 GB = 1e9
 WEIGHT_FORMATS = ("q4_0", "int4_g32", "int4_g128", "q8_0", "f16", "f32")
-KV_CACHE_FORMATS = ("f16", "q8_0", "f32")  # what the decode engine can store its cache in
+KV_CACHE_FORMATS = KV_FORMAT_NAMES  # what the decode engine can store its cache in
 DEFAULT_CONTEXT = 256  # tokens, as `perfsim profile`
 REPORT_DEVICES = ("a16", "ryzen-7840u", "rtx-4090")  # a phone, a laptop, a GPU: the roofline's spread
 HOST_PROFILE_KEYS = ("device", "model", "quant", "context", "predicted", "measured", "error", "perfsim_version")
@@ -41,13 +42,6 @@ RELATION_SYMBOL = {">": "triangle-right", "<": "triangle-left", "=": "diamond", 
 
 
 # --- inputs ---------------------------------------------------------------------------------------
-
-def formats_from_names(weights: str, kv_cache: str, activations: str = "f32") -> Formats:
-    kv = quant_format(kv_cache)
-    if kv.name not in KV_CACHE_FORMATS:
-        raise UserError(f"KV cache format must be one of {', '.join(KV_CACHE_FORMATS)}, got {kv_cache!r}")
-    return Formats(weights=quant_format(weights), activations=quant_format(activations), kv_cache=kv)
-
 
 def device_from_yaml_text(text: str | bytes, where: str) -> Device:
     """A device profile from the text of a YAML file (an upload); every failure is a UserError."""

@@ -13,12 +13,12 @@ from functools import lru_cache
 
 from perfsim.cost import Cost
 from perfsim.errors import UserError
-from perfsim.kernels.attention import attention_cost, kv_append_cost
+from perfsim.kernels.attention import attention_cost, kv_append_cost, kv_cache_format
 from perfsim.kernels.elementwise import argmax_cost, residual_add_cost, rmsnorm_cost, rope_cost, silu_mul_cost
 from perfsim.kernels.embedding import embedding_cost
 from perfsim.kernels.gemv import gemv_cost
 from perfsim.model import ModelSpec
-from perfsim.quant import F32, Formats, QuantFormat
+from perfsim.quant import F32, Formats, QuantFormat, quant_format
 
 # Op kinds, in the groups a report shows.
 GEMV, ATTENTION, KV_APPEND, NORM, ROPE, ACTIVATION, RESIDUAL, EMBEDDING, SAMPLING = (
@@ -44,6 +44,11 @@ class Op:
         object.__setattr__(self, "flops", self.cost.flops * self.count)
         object.__setattr__(self, "bytes", self.cost.bytes * self.count)
         object.__setattr__(self, "weight_bytes", self.cost.weight_bytes * self.count)
+
+
+def formats_from_names(weights: str, kv_cache: str, activations: str = "f32") -> Formats:
+    """The three format choices by name, checked (the KV cache stores only what its kernel reads)."""
+    return Formats(weights=quant_format(weights), activations=quant_format(activations), kv_cache=kv_cache_format(kv_cache))
 
 
 def math_precision(weights: QuantFormat) -> str:

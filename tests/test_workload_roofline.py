@@ -1,7 +1,6 @@
 """The workload's byte and FLOP counts, pinned by hand arithmetic, and the roofline on a device whose
 answer can be worked out on paper."""
 
-import dataclasses
 
 import pytest
 
