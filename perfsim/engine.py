@@ -203,6 +203,7 @@ class Session:
         self.q = self.qkv[:q_dim].reshape(m.n_heads, m.head_dim)
         self.k = self.qkv[q_dim : q_dim + kv_dim].reshape(m.n_kv_heads, m.head_dim)
         self.v = self.qkv[q_dim + kv_dim :].reshape(m.n_kv_heads, m.head_dim)
+        self.qk = self.qkv[: q_dim + kv_dim].reshape(m.n_heads + m.n_kv_heads, m.head_dim)  # rotated in one call
         self.attn_heads = self.attn.reshape(m.n_heads, m.head_dim)
 
     def step(self, token: int) -> np.ndarray:
@@ -222,8 +223,7 @@ class Session:
         for i, layer in enumerate(w.layers):
             rmsnorm(x, layer.attn_norm, eps, xn); tick(clock())  # noqa: E702
             gemv(layer.attn_qkv, xn, self.qkv); tick(clock())  # noqa: E702
-            rope_rotate(self.q, cos, sin)
-            rope_rotate(self.k, cos, sin); tick(clock())  # noqa: E702
+            rope_rotate(self.qk, cos, sin); tick(clock())  # noqa: E702
             kv_append(self.cache, i, pos, self.k, self.v); tick(clock())  # noqa: E702
             attention(self.q, self.cache, i, pos + 1, self.attn_heads); tick(clock())  # noqa: E702
             gemv(layer.attn_output, self.attn, self.proj); tick(clock())  # noqa: E702
