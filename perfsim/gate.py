@@ -283,11 +283,9 @@ def _gemv_fixture(fmt: str, rows: int, cols: int):
     import numpy as np
 
     make = {"q4_0": gemv_kernels.random_q4_0, "q8_0": gemv_kernels.random_q8_0}[fmt]
-    base = make(rows, cols, 0)
     cost = gemv_kernels.gemv_cost(rows, cols, quant_format(fmt))
-    n_copies = max(3, math.ceil(EVICT_BYTES / cost.weight_bytes))
-    # Copies of one random matrix (a memcpy, not 4x the generation time); each has its own pages.
-    copies = [base] + [dataclasses.replace(base, qs=base.qs.copy(), d=base.d.copy()) for _ in range(n_copies - 1)]
+    copies = gemv_kernels.dram_copies(make(rows, cols, 0), EVICT_BYTES)  # memcpys: not 4x the generation time
+    n_copies = len(copies)
     x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
     return copies, x, np.empty(rows, np.float32), cost.bytes * n_copies
 
