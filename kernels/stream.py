@@ -50,6 +50,24 @@ def sum_int64(data):
     return partial.sum()
 
 
+@jit(parallel=True)
+def stream_then_write(data, start, stop, n_chunks, source, operand):
+    """What a decode op finds when it starts: `n_chunks` threads (the caller's thread count) each read
+    their share of data[start:stop] (megabytes of weights streaming through the caches) and then write
+    their contiguous share of `operand` from `source` (f32, flat), as a parallel GEMV writes its output
+    vector, half of it from the other core. Returns the sum of the data read (keeps the read alive)."""
+    partial = np.zeros(n_chunks, dtype=np.int64)
+    n, m = stop - start, operand.size
+    for chunk in prange(n_chunks):
+        total = np.int64(0)
+        for i in range(start + chunk * n // n_chunks, start + (chunk + 1) * n // n_chunks):
+            total += data[i]
+        for i in range(chunk * m // n_chunks, (chunk + 1) * m // n_chunks):
+            operand[i] = source[i]
+        partial[chunk] = total
+    return partial.sum()
+
+
 def stream_buffer(n_bytes: int = DEFAULT_N_BYTES) -> np.ndarray:
     """An int64 array of n_bytes (rounded down to 8), every page touched so the timing sees no faults."""
     return np.arange(n_bytes // 8, dtype=np.int64)

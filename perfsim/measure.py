@@ -31,7 +31,7 @@ class Measurement:
     warmup_s: float  # first step, JIT compile or cache load included, minus a steady step
     peak_rss_bytes: int
     weights_origin: str
-    stream_gb_s: float = 0.0  # streaming read bandwidth measured just before and after the steps (mean)
+    stream_gb_s: float = 0.0  # median of the streaming passes run right before each step (read_pass_gb_s)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -75,7 +75,11 @@ def check_run(model: ModelSpec, formats: Formats, context: int, n_tokens: int) -
 
 
 def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: float = 0.0, seed: int = 0) -> Measurement:
-    """Decode n_tokens ending at `context` with `threads` Numba threads; one warm-up step first."""
+    """Decode n_tokens ending at `context` with `threads` Numba threads; one warm-up step first.
+
+    Each step follows one streaming pass (read_pass_gb_s), untimed in the step: the memory roof the step
+    is compared with is the median of those passes. Other VMs share this host's DRAM, and its bandwidth
+    drifts by 10-30% over a minute; a roof taken before and after 16 steps missed that drift."""
     from perfsim.kernels.jit import set_threads
 
     set_threads(threads)
@@ -86,16 +90,16 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
     warmup_step_s = time.perf_counter() - start
     session.position = first
-    bandwidth_before = same_run_read_gb_s(threads)
-    token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
+    read_pass_gb_s(threads)  # compile or load the streaming kernel, fault its buffer in
+    token, steps, passes, ops = 1, [], [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
+        passes.append(read_pass_gb_s(threads))
         start = time.perf_counter()
         session.step(token)
         steps.append(time.perf_counter() - start)
         token = session.next_token
         for name, seconds in session.op_seconds.items():
             ops[name].append(seconds)
-    bandwidth_after = same_run_read_gb_s(threads)
     return Measurement(
         model=engine.model,
         formats=engine.formats,
@@ -107,21 +111,25 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         warmup_s=max(warmup_step_s - statistics.median(steps), 0.0),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         weights_origin=engine.weights.origin,
-        stream_gb_s=(bandwidth_before + bandwidth_after) / 2,
+        stream_gb_s=statistics.median(passes),
     )
 
 
 _STREAM_BUFFER = []
+SAME_RUN_STREAM_BYTES = 128 * 2**20  # 4x the L3 of this host class
 
 
-def same_run_read_gb_s(threads: int) -> float:
-    """Best of 3 streaming reads of 128 MiB: the memory roof at the moment of a measurement. Other VMs
-    share this host's DRAM; its bandwidth drifted 16-21 GB/s on one core over minutes here."""
-    from perfsim.kernels.stream import best_read_gb_s, stream_buffer
+def read_pass_gb_s(threads: int) -> float:
+    """One streaming read of 128 MiB with `threads` threads, in GB/s: the memory roof at the moment of
+    the work that follows it. Calibration fits its kernels' `overlap` against passes of this same kind
+    (one pass right before the work, not a best-of), so a prediction made with this roof is like for like."""
+    from perfsim.kernels.jit import set_threads
+    from perfsim.kernels.stream import read_pass_s, stream_buffer
 
     if not _STREAM_BUFFER:
-        _STREAM_BUFFER.append(stream_buffer(128 * 2**20))
-    return best_read_gb_s(threads, _STREAM_BUFFER[0], repeats=3)
+        _STREAM_BUFFER.append(stream_buffer(SAME_RUN_STREAM_BYTES))
+    set_threads(threads)
+    return _STREAM_BUFFER[0].nbytes / read_pass_s(_STREAM_BUFFER[0]) / 1e9
 
 
 def measurement_record(m: Measurement) -> dict:
