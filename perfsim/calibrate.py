@@ -2,10 +2,12 @@
 
 What is measured, at each thread count, and never the end-to-end decode it is later compared with:
   - streaming read bandwidth (kernels/stream.py), the memory roof of every op;
-  - per kernel, its fixed cost per call (a tiny problem), its compute roof with the data in cache
-    (a problem of a few hundred KB, repeated), and how much of its compute fails to hide under the
-    memory traffic (`overlap`, from one run on operands four times the L3, at shapes no Phi-3
-    model has: 4096-wide matrices, 16 heads of 128).
+  - per kernel, its fixed cost per call (a tiny problem, timed in the state decode leaves it: after
+    a streaming read; attention on cold K/V rows; serial kernels after a Producer that streams and
+    writes their input as the GEMV before them does), its compute roof (the slope between two
+    problem sizes), and how much of its compute fails to hide under the memory traffic (`overlap`,
+    fitted in rounds of one streaming pass then a sweep over operands 3x the L3, at shapes no Phi-3
+    model has: 4096-wide matrices, 16 heads of 128). Measured at every thread count.
 The profile has the schema of devices/*.yaml (plus `kernel_roofs` and `calibration`) and is written
 to a temporary file then renamed, so an interrupted run never leaves a half-written profile.
 """
@@ -84,6 +86,9 @@ class Call:
 
     run: object  # () -> None
     produced: np.ndarray | None = None
+    # The serial op that runs between that parallel kernel and this one in decode (rmsnorm follows the
+    # residual add that wrote its x, kv_append follows the RoPE that wrote its k), or None.
+    predecessor: object = None
 
 
 @dataclass(frozen=True)
@@ -202,12 +207,13 @@ def _serial_benches() -> list[KernelBench]:
     small, large = 256, 16384
     benches = []
 
-    # Which input a parallel GEMV writes just before each op in decode: silu_mul's gate_up, the residual's
-    # delta, rope's q and k, kv_append's v, argmax's logits. rmsnorm's x comes from the residual add on
-    # the calling thread, the embedding's row from the table in DRAM: no produced operand.
+    # Which input a parallel GEMV writes before each op in decode: silu_mul's gate_up, the residual's
+    # delta, rope's q and k, kv_append's k and v (k then rotated by RoPE on the calling thread, its
+    # predecessor), argmax's logits, and the delta of the residual add that precedes rmsnorm and writes
+    # its x. The embedding's row comes from the table in DRAM: no produced operand.
     def rmsnorm(n):
-        x, w, out = vec(n), vec(n), np.empty(n, np.float32)
-        return Call(lambda: ew.rmsnorm(x, w, 1e-5, out))
+        x, w, out, zeros = vec(n), vec(n), np.empty(n, np.float32), np.zeros(n, np.float32)
+        return Call(lambda: ew.rmsnorm(x, w, 1e-5, out), zeros, lambda: ew.residual_add(x, zeros))
 
     def silu_mul(n):
         gate_up, out = vec(2 * n), np.empty(n, np.float32)
@@ -239,12 +245,12 @@ def _serial_benches() -> list[KernelBench]:
             cache, kv = new_kv_cache(n_layers, n_heads, n_positions, 128, fmt), vec(2 * n_heads * 128).reshape(2, n_heads, 128)
             for array in cache.arrays:  # fault every page in now: a first touch (a huge page zeroed) inside
                 array.fill(0)           # a timed call made kv_append look 1000x slower than it is in decode
-            call = iter(range(10**9))
+            call, tables = iter(range(10**9)), ew.rope_tables(4, 128)
 
             def run():
                 i = next(call)
                 kv_append(cache, i % n_layers, (i // n_layers) % n_positions, kv[0], kv[1])
-            return Call(run, kv[1].reshape(-1))
+            return Call(run, kv.reshape(-1), lambda: ew.rope_rotate(kv[0], tables.cos[1], tables.sin[1]))
         # f32 appends count no FLOPs, so their roof is never divided into; 1 keeps gflops positive.
         flops = kv_append_cost(64, 128, fmt).flops or 1.0
         benches.append(KernelBench(f"kv_append.{fmt}", False, append(1), append(64), flops, append(16)))
@@ -294,6 +300,8 @@ class Producer:
         def run():
             self.region = (self.region + 1) % 4
             stream_then_write(self.data, self.region * n, (self.region + 1) * n, threads, source, operand)
+            if call.predecessor is not None:
+                call.predecessor()
 
         return run
 
@@ -313,9 +321,17 @@ def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: i
         # timed after a Producer (kv_append writes one row per head, each a cache miss).
         before = {call: producer.before(call, threads) for call in (bench.tiny, bench.in_cache, bench.in_cache_quarter)}
         cold = set(before)
-    time_of = lambda call: _median_call_s(call.run, before=before[call] if call in cold else None)  # noqa: E731
+    # Cold calls vary more than hot ones (what the stream left in the L3 varies), and a neighbour's burst
+    # (or the kernel's page reclaim) once held a whole median of a tiny attention call at 764 us, against
+    # 41 us measured alone: each figure is the median of three medians taken apart (11 calls each cold).
+    def time_of(call):
+        return statistics.median(
+            _median_call_s(call.run, min_repeats=11 if call in cold else 7, before=before[call] if call in cold else None)
+            for _ in range(3))
+
     overhead_s = time_of(bench.tiny)
-    in_cache_s, quarter_s = time_of(bench.in_cache), time_of(bench.in_cache_quarter)
+    in_cache_s = time_of(bench.in_cache)
+    quarter_s = time_of(bench.in_cache_quarter)
     # The slope between the two in-cache sizes is the compute roof, free of the fixed cost per call.
     gflops = 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
     overlap = 0.0

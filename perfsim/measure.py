@@ -32,6 +32,7 @@ class Measurement:
     peak_rss_bytes: int
     weights_origin: str
     stream_gb_s: float = 0.0  # median of the streaming passes run right before each step (read_pass_gb_s)
+    step_stream_gb_s: tuple = ()  # each step's pass, same order as step_seconds
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -112,6 +113,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         weights_origin=engine.weights.origin,
         stream_gb_s=statistics.median(passes),
+        step_stream_gb_s=tuple(passes),
     )
 
 
@@ -145,6 +147,7 @@ def measurement_record(m: Measurement) -> dict:
         "warmup_s": m.warmup_s,
         "peak_rss_bytes": m.peak_rss_bytes,
         "stream_gb_s": m.stream_gb_s,
+        "step_stream_gb_s": list(m.step_stream_gb_s),
         "weights": m.weights_origin,
         "ops": [{"name": name, "kind": kinds[name], "time_s": m.op_time_s(name)} for name in m.op_seconds],
     }

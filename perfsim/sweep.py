@@ -59,6 +59,9 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "measured_tokens_per_s": measurement.decode_tokens_per_s,
                 "error": comparison.tokens_per_s_error,
                 "groups": groups,
+                "ops": [{k: row[k] for k in ("name", "predicted_s", "measured_s", "error")} for row in comparison.op_rows()],
+                "step_seconds": list(measurement.step_seconds),
+                "step_stream_gb_s": list(measurement.step_stream_gb_s),
                 "seconds": time.perf_counter() - start,
             }
             if out:

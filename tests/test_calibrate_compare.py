@@ -3,9 +3,11 @@
 import dataclasses
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -98,6 +100,10 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     measurement = measure_decode(engine, context=32, n_tokens=4, threads=1)
     c = compare(device, measurement)
     assert len(c.predictions) == 4 and [p.context for p in c.predictions] == [29, 30, 31, 32]
+    # each step follows its own streaming pass; the roof of the comparison is their median
+    assert len(measurement.step_stream_gb_s) == 4 and all(bw > 0 for bw in measurement.step_stream_gb_s)
+    assert measurement.stream_gb_s == statistics.median(measurement.step_stream_gb_s)
+    assert c.predictions[0].roofs.bandwidth_bytes_per_s == pytest.approx(measurement.stream_gb_s * 1e9)
     expected = (c.predicted_tokens_per_s - measurement.decode_tokens_per_s) / measurement.decode_tokens_per_s
     assert c.tokens_per_s_error == pytest.approx(expected)
     # a slower measurement makes the (same) prediction look more optimistic
@@ -124,3 +130,26 @@ def test_real_calibration_writes_a_valid_profile_in_under_a_minute(tmp_path):
         assert set(unit.kernel_roofs[kernel]) == set(unit.bandwidth_gb_s_by_threads)
     assert device.calibration["cpu_model"] == calibrate.cpu_model()
     assert device.calibration["seconds"] < 90  # "under a minute" on a quiet machine; CI shares the box
+
+
+def test_serial_kernels_are_timed_after_a_producer_that_writes_their_input():
+    """Calibration times rope after a parallel stream that rewrites rope's input (as the qkv GEMV does
+    in decode), and rmsnorm after its decode predecessor, the residual add that writes its x."""
+    from perfsim.kernels.jit import set_threads
+
+    benches = {b.kernel: b for b in calibrate._serial_benches()}
+    producer = calibrate.Producer()
+    set_threads(1)
+    rope = benches["rope"].tiny
+    original = rope.produced.copy()
+    before_rope = producer.before(rope, 1)
+    rope.run()  # rotates its input in place
+    assert not np.array_equal(rope.produced, original)
+    before_rope()  # restores it, as a GEMV rewrites q and k before every RoPE
+    np.testing.assert_array_equal(rope.produced, original)
+    norm = benches["rmsnorm"].tiny
+    calls = []
+    norm_with_spy = calibrate.Call(norm.run, norm.produced, lambda: calls.append(1))
+    producer.before(norm_with_spy, 1)()
+    assert calls == [1]
+    assert benches["kv_append.f16"].tiny.predecessor is not None and benches["silu_mul"].tiny.predecessor is None

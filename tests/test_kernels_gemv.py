@@ -229,3 +229,27 @@ def test_stream_sum_matches_numpy_and_cost():
     assert stream.sum_int64(data) == stream.sum_reference(data)  # wrapping int64 sum, chunked
     assert stream.stream_read_cost(2**20) == stream.Cost(flops=2**17, weight_bytes=2**20)
     assert stream.read_bandwidth_gb_s(1, data=data[: 2**16], repeats=2) > 0
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 3])
+def test_stream_then_write_reads_its_range_and_copies_the_operand(n_chunks):
+    from perfsim.kernels import stream
+
+    data = np.random.default_rng(1).integers(-(2**40), 2**40, size=10_001, dtype=np.int64)
+    source = np.random.default_rng(2).standard_normal(37).astype(np.float32)
+    operand = np.zeros(37, np.float32)
+    total = stream.stream_then_write(data, 123, 9_876, n_chunks, source, operand)
+    assert total == stream.sum_reference(data[123:9_876])  # every element of the range once, none outside
+    np.testing.assert_array_equal(operand, source)  # every element written, whatever the thread split
+
+
+def test_dram_copies_have_their_own_pages_and_cover_the_requested_bytes():
+    w = g.random_q4_0(64, 256)
+    copies = g.dram_copies(w, min_total_bytes=100_000)
+    one = g.gemv_cost(64, 256, g.Q4_0).weight_bytes
+    assert len(copies) == max(3, -(-100_000 // one)) and len(copies) * one >= 100_000
+    assert all(not np.shares_memory(c.qs, w.qs) and not np.shares_memory(c.d, w.d) for c in copies[1:])
+    x = np.random.default_rng(0).standard_normal(256).astype(np.float32)
+    expected = g.gemv(w, x, np.empty(64, np.float32))
+    for c in copies:
+        np.testing.assert_array_equal(g.gemv(c, x, np.empty(64, np.float32)), expected)
