@@ -211,9 +211,14 @@ def _serial_benches() -> list[KernelBench]:
     # delta, rope's q and k, kv_append's k and v (k then rotated by RoPE on the calling thread, its
     # predecessor), argmax's logits, and the delta of the residual add that precedes rmsnorm and writes
     # its x. The embedding's row comes from the table in DRAM: no produced operand.
+    # Per-layer parameters rotate over N_LAYERS copies, as decode's do: each layer's norm weights were
+    # last read a token ago, so they come from DRAM, not from the L3 a repeated call would find them in.
+    N_LAYERS = 32
+
     def rmsnorm(n):
-        x, w, out, zeros = vec(n), vec(n), np.empty(n, np.float32), np.zeros(n, np.float32)
-        return Call(lambda: ew.rmsnorm(x, w, 1e-5, out), zeros, lambda: ew.residual_add(x, zeros))
+        x, out, zeros = vec(n), np.empty(n, np.float32), np.zeros(n, np.float32)
+        weights, layer = [vec(n) for _ in range(N_LAYERS)], iter(range(10**9))
+        return Call(lambda: ew.rmsnorm(x, weights[next(layer) % N_LAYERS], 1e-5, out), zeros, lambda: ew.residual_add(x, zeros))
 
     def silu_mul(n):
         gate_up, out = vec(2 * n), np.empty(n, np.float32)
@@ -239,17 +244,20 @@ def _serial_benches() -> list[KernelBench]:
         KernelBench("rope", False, rope(2), rope(64), ew.rope_cost(64, 128).flops, rope(16)),
     ]
     for fmt in ("f16", "q8_0", "f32"):
-        def append(n_heads, fmt=fmt, n_layers=16, n_positions=256):
-            # As in decode: each call writes the next layer, each head's row far from the others (measured
-            # 14 us a call into one layer's cache, 24 us rotating over 32 layers, 31-38 us in decode).
-            cache, kv = new_kv_cache(n_layers, n_heads, n_positions, 128, fmt), vec(2 * n_heads * 128).reshape(2, n_heads, 128)
-            for array in cache.arrays:  # fault every page in now: a first touch (a huge page zeroed) inside
-                array.fill(0)           # a timed call made kv_append look 1000x slower than it is in decode
+        def append(n_heads, fmt=fmt, n_layers=8, max_context=2048, window=64):
+            # As in decode: each call writes the next layer, each head's row 2048 rows (512 KiB at f16)
+            # from the next head's, so the rows of one call sit on many pages, and the rows written are
+            # new (measured 14 us a call into one small layer, 24 us rotating over 32 layers, 31-38 us in
+            # decode). Only the first `window` positions are used, and faulted in now: a first touch (a
+            # huge page zeroed) inside a timed call made kv_append look 1000x slower than in decode.
+            cache, kv = new_kv_cache(n_layers, n_heads, max_context, 128, fmt), vec(2 * n_heads * 128).reshape(2, n_heads, 128)
+            for array in cache.arrays:
+                array[:, :, :window] = 0
             call, tables = iter(range(10**9)), ew.rope_tables(4, 128)
 
             def run():
                 i = next(call)
-                kv_append(cache, i % n_layers, (i // n_layers) % n_positions, kv[0], kv[1])
+                kv_append(cache, i % n_layers, (i // n_layers) % window, kv[0], kv[1])
             return Call(run, kv.reshape(-1), lambda: ew.rope_rotate(kv[0], tables.cos[1], tables.sin[1]))
         # f32 appends count no FLOPs, so their roof is never divided into; 1 keeps gflops positive.
         flops = kv_append_cost(64, 128, fmt).flops or 1.0
@@ -258,12 +266,12 @@ def _serial_benches() -> list[KernelBench]:
         def embedding(n, fmt=fmt):
             f = quant_format(fmt)
             if f.block_size == 1:
-                table = vec(4 * n).reshape(4, n).astype(np.float16 if fmt == "f16" else np.float32)
+                table = vec(N_LAYERS * n).reshape(N_LAYERS, n).astype(np.float16 if fmt == "f16" else np.float32)
             else:
-                table = rng.integers(0, 256, size=(4, n // 32 * f.block_bytes), dtype=np.uint8)
-                table.reshape(4, -1, f.block_bytes)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-            emb, out = Embedding(f, table), np.empty(n, np.float32)
-            return Call(lambda: emb.row(2, out))
+                table = rng.integers(0, 256, size=(N_LAYERS, n // 32 * f.block_bytes), dtype=np.uint8)
+                table.reshape(N_LAYERS, -1, f.block_bytes)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+            emb, out, token = Embedding(f, table), np.empty(n, np.float32), iter(range(10**9))
+            return Call(lambda: emb.row(next(token) % N_LAYERS, out))  # a new row each call: from DRAM, as in decode
         benches.append(KernelBench(f"embedding.{fmt}", False, embedding(small), embedding(large), embedding_cost(large, quant_format(fmt)).flops,
                                    embedding(large // 4)))
     return benches
@@ -306,32 +314,61 @@ class Producer:
         return run
 
 
-def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int) -> dict:
-    if bench.kernel.startswith("attention"):
-        # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed after
-        # a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
-        before, cold = {bench.tiny: producer.before(bench.tiny, threads)}, {bench.tiny}
-    elif bench.parallel:
-        # In decode every op follows one that has streamed megabytes through the caches, so the fixed
-        # cost is timed after an 8 MiB streaming read (a hot loop calls a tiny GEMV ~2x faster).
-        before = {call: stream_read for call in (bench.tiny, bench.in_cache, bench.in_cache_quarter)}
-        cold = {bench.tiny}
-    else:
-        # Serial kernels touch a few KB per call, all of it cold in decode: each call, the work too, is
-        # timed after a Producer (kv_append writes one row per head, each a cache miss).
-        before = {call: producer.before(call, threads) for call in (bench.tiny, bench.in_cache, bench.in_cache_quarter)}
-        cold = set(before)
-    # Cold calls vary more than hot ones (what the stream left in the L3 varies), and a neighbour's burst
-    # (or the kernel's page reclaim) once held a whole median of a tiny attention call at 764 us, against
-    # 41 us measured alone: each figure is the median of three medians taken apart (11 calls each cold).
-    def time_of(call):
-        return statistics.median(
-            _median_call_s(call.run, min_repeats=11 if call in cold else 7, before=before[call] if call in cold else None)
-            for _ in range(3))
+SERIAL_ROUNDS = 21
 
-    overhead_s = time_of(bench.tiny)
-    in_cache_s = time_of(bench.in_cache)
-    quarter_s = time_of(bench.in_cache_quarter)
+
+def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: int) -> dict:
+    """{id(call): median seconds} of every call of the serial kernels, each timed after a Producer.
+
+    The kernels take turns, in groups that hold the small ops of one decode configuration (rmsnorm,
+    rope, residual_add, silu_mul, argmax, one kv_append format, one embedding format: about the 7 small
+    ops of a decode layer), one call size per round. Timed over and over in a loop of its own, a kernel
+    keeps its Python and Numba call path warm between calls, which decode never does; timed in turn
+    with all 15 serial kernels and 3 sizes, the path was colder than in decode (2-3x the decode's cost).
+    A neighbour's burst lands in a few rounds, and the median over rounds drops it."""
+    by_name = {bench.kernel: bench for bench in serial}
+    formats = lambda prefix: sorted(name for name in by_name if name.startswith(prefix))  # noqa: E731
+    kv_names, embedding_names = formats("kv_append."), formats("embedding.")
+    common = [name for name in by_name if name not in kv_names + embedding_names]
+    times = {}
+    for i in range(max(len(kv_names), len(embedding_names))):
+        names = common + [kv_names[i % len(kv_names)], embedding_names[i % len(embedding_names)]]
+        for size in ("tiny", "in_cache", "in_cache_quarter"):
+            calls = [getattr(by_name[name], size) for name in names]
+            befores = [producer.before(call, threads) for call in calls]
+            samples = {id(call): [] for call in calls}
+            for round_index in range(SERIAL_ROUNDS + 1):  # round 0 warms up (compiles or loads from the cache)
+                for call, before in zip(calls, befores):
+                    before()
+                    start = time.perf_counter()
+                    call.run()
+                    if round_index:
+                        samples[id(call)].append(time.perf_counter() - start)
+            for key, values in samples.items():
+                times.setdefault(key, statistics.median(values))  # the common kernels: their first group
+    return times
+
+
+def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None) -> dict:
+    if not bench.parallel:
+        # Serial kernels touch a few KB per call, all of it cold in decode: each call, the work too, was
+        # timed after a Producer (kv_append writes one row per head, each a cache miss).
+        overhead_s, in_cache_s, quarter_s = (serial_times[id(c)] for c in (bench.tiny, bench.in_cache, bench.in_cache_quarter))
+    else:
+        if bench.kernel.startswith("attention"):
+            # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
+            # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
+            before = producer.before(bench.tiny, threads)
+        else:
+            # In decode every op follows one that has streamed megabytes through the caches, so the fixed
+            # cost is timed after an 8 MiB streaming read (a hot loop calls a tiny GEMV ~2x faster).
+            before = stream_read
+        # Cold calls vary more than hot ones (what the stream left in the L3 varies), and a neighbour's
+        # burst once held a whole median of a tiny attention call at 764 us, against 41 us measured alone:
+        # the fixed cost is the median of three medians taken apart (11 calls each).
+        overhead_s = statistics.median(_median_call_s(bench.tiny.run, min_repeats=11, before=before) for _ in range(3))
+        in_cache_s = _median_call_s(bench.in_cache.run)
+        quarter_s = _median_call_s(bench.in_cache_quarter.run)
     # The slope between the two in-cache sizes is the compute roof, free of the fixed cost per call.
     gflops = 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
     overlap = 0.0
@@ -389,13 +426,18 @@ def measure_host(progress=None) -> dict:
         report(done, total, f"read bandwidth, {threads} threads")
         bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
         done += 1
-        # Serial kernels run on the calling thread, but what runs before them in decode (a GEMV on every
-        # thread) sets what they find in the caches: they are measured at each thread count too.
-        for bench in parallel + serial:
+        for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
             set_threads(threads)
             kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads)
             done += 1
+        # Serial kernels run on the calling thread, but what runs before them in decode (a GEMV on every
+        # thread) sets what they find in the caches: they are measured at each thread count too.
+        report(done, total, f"serial kernels, {threads} threads")
+        serial_times = _serial_call_times(serial, producer, threads)
+        for bench in serial:
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times)
+        done += len(serial)
     del data
     report(total, total, "done")
     import psutil
