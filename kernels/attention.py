@@ -623,8 +623,6 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7) -> None:
     The box is shared, so each round times one pass of kernels/stream.py's read kernel right before each
     attention sweep and the figure reported is the median over rounds of their ratio.
     """
-    import time
-
     from perfsim.kernels import stream
     from perfsim.kernels.jit import max_threads, set_threads
 
@@ -640,12 +638,6 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7) -> None:
     # reads its layer from DRAM, as in decode.
     n_layers = 16
     stream_data = stream.stream_buffer()
-
-    def stream_gb_s():
-        start = time.perf_counter()
-        stream.sum_int64(stream_data)
-        return stream_data.nbytes / (time.perf_counter() - start) / 1e9
-
     q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)
     out = np.empty_like(q)
     import numba
@@ -657,23 +649,20 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7) -> None:
         cache = _benchmark_cache(n_layers, n_kv_heads, max(contexts), head_dim, kv_format)
         for n_threads in sorted({1, min(2, max_threads())}):
             set_threads(n_threads)
-            samples = {n_positions: [] for n_positions in contexts}  # (seconds per layer, streaming GB/s)
-            for round_index in range(rounds + 1):  # round 0 warms up (compiles, faults pages in)
-                for n_positions in contexts:
-                    bandwidth = stream_gb_s()
-                    start = time.perf_counter()
+            for n_positions in contexts:
+                def sweep(n_positions=n_positions):
                     for layer in range(n_layers):
                         attention(q, cache, layer, n_positions, out)
-                    if round_index:
-                        samples[n_positions].append(((time.perf_counter() - start) / n_layers, bandwidth))
-            for n_positions, pairs in samples.items():
+
+                sweep_seconds, pass_seconds = stream.paired_rounds(stream_data, sweep, rounds)
+                layer_seconds, bandwidths = sweep_seconds / n_layers, stream_data.nbytes / pass_seconds / 1e9
                 cost = attention_cost(n_heads, n_kv_heads, head_dim, n_positions, kv_format)
-                time_s = float(np.median([t for t, _ in pairs]))
-                fraction = float(np.median([cost.bytes / t / 1e9 / bw for t, bw in pairs]))
+                time_s = float(np.median(layer_seconds))
+                fraction = float(np.median(cost.bytes / layer_seconds / 1e9 / bandwidths))
                 print(
                     f"{kv_format.name:5s} threads {n_threads} context {n_positions:5d}: {time_s * 1e3:7.3f} ms"
                     f"  {cost.bytes / 1e6:6.1f} MB  {cost.bytes / time_s / 1e9:5.1f} GB/s"
-                    f"  streaming {float(np.median([bw for _, bw in pairs])):5.1f} GB/s  {fraction:4.0%} of streaming"
+                    f"  streaming {float(np.median(bandwidths)):5.1f} GB/s  {fraction:4.0%} of streaming"
                 )
         del cache
 

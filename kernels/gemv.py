@@ -41,13 +41,12 @@ Numbers quoted in comments come from the 2-core EPYC (Zen 3, KVM) dev box.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from perfsim.cost import Cost
-from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, prange, set_threads, zeros_huge_pages
+from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, llvm_prefetch, prange, set_threads, zeros_huge_pages
 from perfsim.quant import F16, F32, Q4_0, Q8_0, QuantFormat
 
 ROW_TILE = 32  # rows per tile: 2 x 16 int16 lanes, i.e. two 256-bit vectors per step
@@ -373,15 +372,10 @@ def _build_prefetch_512():
         llvm.prefetch: prefetcht0 on x86; never faults, so it may point past the array's end)."""
 
         def codegen(context, builder, signature, args):
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            prefetch = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0"
-            )
-            data = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8p)
+            data = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, ir.IntType(8).as_pointer())
             start = builder.gep(data, [args[1]])
-            for line in range(8):  # read, keep in all levels, data cache
-                line_ptr = builder.gep(start, [ir.Constant(ir.IntType(64), 64 * line)])
-                builder.call(prefetch, [line_ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            for line in range(8):
+                llvm_prefetch(builder, builder.gep(start, [ir.Constant(ir.IntType(64), 64 * line)]), for_write=False)
             return context.get_dummy_value()
 
         return types.void(array, types.int64), codegen
@@ -802,24 +796,20 @@ def dram_copies(weights: Weights, min_total_bytes: int = DRAM_SWEEP_BYTES) -> li
 
 def benchmark_gemv(weights: Weights, n_threads: int, stream_data: np.ndarray, rounds: int = 9, portable: bool = False) -> GemvTiming:
     """Time gemv() from DRAM in sweeps over dram_copies(weights), each right after a pass over stream_data."""
-    from perfsim.kernels.stream import read_pass_s, sum_int64
+    from perfsim.kernels.stream import paired_rounds
 
     rows, cols = weight_shape(weights)
     weight_bytes = gemv_cost(rows, cols, weight_format(weights)).weight_bytes
     copies = dram_copies(weights)
     x, out = np.random.default_rng(1).standard_normal(cols).astype(np.float32), np.empty(rows, np.float32)
     set_threads(n_threads)
-    sum_int64(stream_data)
-    for matrix in copies:  # compile or load from cache; fault every page in
-        gemv(matrix, x, out, portable)
-    seconds, stream_seconds = [], []
-    for _ in range(rounds):
-        stream_seconds.append(read_pass_s(stream_data))
-        start = time.perf_counter()
+
+    def sweep():
         for matrix in copies:
             gemv(matrix, x, out, portable)
-        seconds.append((time.perf_counter() - start) / len(copies))
-    seconds, stream_seconds = np.array(seconds), np.array(stream_seconds)
+
+    sweep_seconds, stream_seconds = paired_rounds(stream_data, sweep, rounds)
+    seconds = sweep_seconds / len(copies)
     stream_rates = stream_data.nbytes / stream_seconds
     fractions = (weight_bytes / seconds) / stream_rates
     best = (weight_bytes / seconds.min()) / stream_rates.max()

@@ -86,6 +86,19 @@ def _build_f16_to_f32():
 f16_to_f32 = LazyIntrinsic(_build_f16_to_f32)
 
 
+def llvm_prefetch(builder, pointer, for_write: bool) -> None:
+    """Emit LLVM's target-independent llvm.prefetch of the line at `pointer` (an i8*), kept in all cache
+    levels (prefetcht0 on x86; prefetchw for a write where the CPU has it). A hint: it never faults, so
+    it may point past an array's end. For intrinsics' codegen."""
+    from llvmlite import ir
+
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    prefetch = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0"
+    )
+    builder.call(prefetch, [pointer, ir.Constant(i32, int(for_write)), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 def _build_prefetch_for_write():
     from llvmlite import ir
     from numba import types
@@ -97,14 +110,8 @@ def _build_prefetch_for_write():
         llvm.prefetch with rw=1: prefetchw on x86 where the CPU has it). A hint: never faults."""
 
         def codegen(context, builder, signature, args):
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            prefetch = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0"
-            )
-            array_type = signature.args[0]
-            data = context.make_array(array_type)(context, builder, args[0]).data
-            pointer = builder.bitcast(builder.gep(data, [args[1]]), i8p)
-            builder.call(prefetch, [pointer, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            llvm_prefetch(builder, builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer()), for_write=True)
             return context.get_dummy_value()
 
         return types.void(array, types.int64), codegen

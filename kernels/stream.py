@@ -80,6 +80,21 @@ def read_pass_s(data: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def paired_rounds(data: np.ndarray, work, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(work seconds, pass seconds) of `rounds` rounds of one streaming pass over `data` then one call
+    of work(), after a warm-up round (compiles or loads from Numba's cache, faults pages in). The work's
+    rate over its own round's pass rate is a ratio that holds still on a host whose DRAM others share."""
+    sum_int64(data)
+    work()
+    work_seconds, pass_seconds = [], []
+    for _ in range(rounds):
+        pass_seconds.append(read_pass_s(data))
+        start = time.perf_counter()
+        work()
+        work_seconds.append(time.perf_counter() - start)
+    return np.array(work_seconds), np.array(pass_seconds)
+
+
 def read_bandwidth_gb_s(n_threads: int, n_bytes: int = DEFAULT_N_BYTES, repeats: int = 7, data=None) -> float:
     """Median read bandwidth in GB/s (1e9 bytes/s) of `repeats` passes over n_bytes with n_threads threads.
 

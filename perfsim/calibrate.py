@@ -34,6 +34,10 @@ DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
 CACHE_BYTES = 4 * 2**20
+PRODUCER_BYTES = 8 * 2**20  # streamed before each serial call (Producer): a quarter of the L3, about a 4096x4096 q4_0 GEMV
+PRODUCER_REGIONS = 4  # the producer's buffer holds this many regions, read in turn: each read comes from DRAM
+SERIAL_ROUNDS = 21  # rounds of the serial kernels in turn (_serial_call_times)
+OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is the median of
 
 
 def cache_dir() -> Path:
@@ -277,13 +281,10 @@ def _serial_benches() -> list[KernelBench]:
     return benches
 
 
-PRODUCER_BYTES = 8 * 2**20  # a quarter of the L3; about a 4096x4096 q4_0 GEMV (9.4 MB)
-
-
 class Producer:
-    """Runs before each timed call of a serial kernel what runs before it in decode: every thread
-    streams its share of PRODUCER_BYTES (a new region of a buffer 4x that size each time, so the read
-    comes from DRAM) and writes its share of the call's produced operand, as a parallel GEMV writes
+    """Runs before each timed call of a serial kernel (and of attention's tiny call) what runs before it
+    in decode: every thread streams its share of PRODUCER_BYTES (the next of PRODUCER_REGIONS regions of
+    its buffer, so the read comes from DRAM) and writes its share of the call's produced operand, as a parallel GEMV writes
     its output. What a small op costs depends on how much of the process's working set the stream has
     pushed out of the L3. Measured on this host class (tiny calls, 1 / 2 threads): after 4 MiB rmsnorm
     5.4 / 2.9 us, kv_append 9.2 / 9.8; after 8 MiB 8.6 / 7.5 and 13.8 / 15.1; after 16 MiB 13.8 / 6.8
@@ -294,7 +295,7 @@ class Producer:
     def __init__(self):
         from perfsim.kernels.stream import stream_buffer
 
-        self.data = stream_buffer(4 * PRODUCER_BYTES)
+        self.data = stream_buffer(PRODUCER_REGIONS * PRODUCER_BYTES)
         self.region = 0
         self.idle = np.zeros(64, np.float32)
 
@@ -303,18 +304,15 @@ class Producer:
 
         operand = self.idle if call.produced is None else call.produced
         source = operand.copy()  # rewritten with its own values: in-place kernels stay on the same inputs
-        n = self.data.size // 4
+        n = self.data.size // PRODUCER_REGIONS
 
         def run():
-            self.region = (self.region + 1) % 4
+            self.region = (self.region + 1) % PRODUCER_REGIONS
             stream_then_write(self.data, self.region * n, (self.region + 1) * n, threads, source, operand)
             if call.predecessor is not None:
                 call.predecessor()
 
         return run
-
-
-SERIAL_ROUNDS = 21
 
 
 def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: int) -> dict:
@@ -392,9 +390,6 @@ def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: i
             fits.append((call_s - max(compute_s, memory_s)) / min(compute_s, memory_s))
         overlap = min(max(statistics.median(fits), 0.0), 1.0)
     return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
-
-
-OVERLAP_ROUNDS = 9
 
 
 def _sig(x: float) -> float:
