@@ -2,12 +2,14 @@
 
 What is measured, at each thread count, and never the end-to-end decode it is later compared with:
   - streaming read bandwidth (kernels/stream.py), the memory roof of every op;
-  - per kernel, its fixed cost per call (a tiny problem, timed in the state decode leaves it: after
-    a streaming read; attention on cold K/V rows; serial kernels after a Producer that streams and
-    writes their input as the GEMV before them does), its compute roof (the slope between two
-    problem sizes), and how much of its compute fails to hide under the memory traffic (`overlap`,
-    fitted in rounds of one streaming pass then a sweep over operands 3x the L3, at shapes no Phi-3
-    model has: 4096-wide matrices, 16 heads of 128). Measured at every thread count.
+  - per kernel, its fixed cost per call, its compute roof (the slope between two problem sizes), and
+    how much of its compute fails to hide under the memory traffic (`overlap`, fitted in rounds of one
+    streaming pass then a sweep over operands 3x the L3), at shapes no Phi-3 model has (4096-wide
+    matrices, 16 heads of 128). The fixed cost of a parallel kernel is a tiny problem timed in the state
+    decode leaves it (after a streaming read; attention on cold K/V rows); that of a serial kernel (a
+    norm, RoPE, ...) is its call in the engine's decode of a 4-layer model of another shape, at two
+    contexts (DECODE_SHAPED_MODEL): what those ops cost depends on what streams between them, and a
+    synthetic stand-in for that missed by up to 2x.
 The profile has the schema of devices/*.yaml (plus `kernel_roofs` and `calibration`) and is written
 to a temporary file then renamed, so an interrupted run never leaves a half-written profile.
 """
@@ -27,17 +29,38 @@ import yaml
 from perfsim import __version__
 from perfsim.device import Device, device_from_data
 from perfsim.errors import UserError
+from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 6  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 7  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
 CACHE_BYTES = 4 * 2**20
 PRODUCER_BYTES = 8 * 2**20  # streamed before each serial call (Producer): a quarter of the L3, about a 4096x4096 q4_0 GEMV
 PRODUCER_REGIONS = 4  # the producer's buffer holds this many regions, read in turn: each read comes from DRAM
-SERIAL_ROUNDS = 21  # rounds of the serial kernels in turn (_serial_call_times)
+SERIAL_ROUNDS = 21  # rounds of the serial kernels' in-cache calls in turn (_serial_call_times)
 OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is the median of
+
+# The fixed cost of each serial op (norms, RoPE, kv_append, residual adds, SiLU, embedding, argmax) is
+# timed where decode runs it: by the engine's own decode loop, between GEMVs that stream megabytes, in a
+# model no Phi-3 is (4 layers, hidden 2560, 20 heads of 128, MLP 6912: 45 MB of q4_0 weights a layer, so
+# every GEMV reads from DRAM), at contexts of 128 and 4000. Such an op costs decode mostly its call path (Python,
+# Numba's dispatch) run cold after a GEMV has streamed through the caches, plus a few cache misses. Timed
+# after a synthetic producer instead (calibration v6), those fixed costs came out 0.6x to 2x what Phi-3
+# decode measured, from one calibration to the next. (A line through two such models, the second with
+# hidden 4608, put all of the difference on the op's size: it over-predicted phi-3-small's small ops by
+# 20-50%. The larger model's GEMVs leave colder caches too; the compute roof stays a microbenchmark's.)
+DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20, n_kv_heads=20,
+                                intermediate_size=6912, vocab_size=4096, max_context=4096)
+DECODE_SHAPED_CONTEXTS = (128, 4000)  # 1.3 and 41 MB of f16 K/V a layer: the fixed costs are a line in those bytes
+DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
+# (KV cache format, embedding table format) of each session: every format of both gets timed
+DECODE_SHAPED_SESSIONS = (("f16", "q4_0"), ("q8_0", "q8_0"), ("f32", "f16"), ("f16", "f32"))
+# op name in the engine -> the kernel whose fixed cost it calibrates
+DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
+                     "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
+                     "output_norm": "rmsnorm", "argmax": "argmax"}
 
 
 def cache_dir() -> Path:
@@ -101,7 +124,7 @@ class KernelBench:
 
     kernel: str
     parallel: bool
-    tiny: Call
+    tiny: Call | None  # None for serial kernels: their fixed cost is timed in decode (DECODE_SHAPED_OPS)
     in_cache: Call  # operands of CACHE_BYTES
     in_cache_flops: float
     in_cache_quarter: Call  # the same at a quarter of the work: the slope is the compute roof
@@ -198,8 +221,9 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
 
 
 def _serial_benches() -> list[KernelBench]:
-    """Kernels that run on the calling thread: their cost is the call plus a little work on operands
-    that are cold in decode (each is timed after a producer, see _kernel_roof)."""
+    """Kernels that run on the calling thread: their cost is the call (its fixed cost timed in decode,
+    _decode_shaped_calls) plus a little work on operands that are cold in decode (the in-cache runs
+    here, each timed after a Producer: the compute roof)."""
     from perfsim.engine import Embedding
     from perfsim.kernels import elementwise as ew
     from perfsim.kernels.attention import kv_append, kv_append_cost, new_kv_cache
@@ -208,7 +232,7 @@ def _serial_benches() -> list[KernelBench]:
 
     rng = np.random.default_rng(0)
     vec = lambda n: rng.standard_normal(n).astype(np.float32)
-    small, large = 256, 16384
+    large = 16384
     benches = []
 
     # Which input a parallel GEMV writes before each op in decode: silu_mul's gate_up, the residual's
@@ -241,11 +265,11 @@ def _serial_benches() -> list[KernelBench]:
         return Call(lambda: ew.rope_rotate(x, tables.cos[1], tables.sin[1]), x.reshape(-1))
 
     benches += [
-        KernelBench("rmsnorm", False, rmsnorm(small), rmsnorm(large), ew.rmsnorm_cost(large).flops, rmsnorm(large // 4)),
-        KernelBench("silu_mul", False, silu_mul(small), silu_mul(large), ew.silu_mul_cost(large).flops, silu_mul(large // 4)),
-        KernelBench("residual_add", False, residual(small), residual(large), ew.residual_add_cost(large).flops, residual(large // 4)),
-        KernelBench("argmax", False, argmax(small), argmax(4 * large), ew.argmax_cost(4 * large).flops, argmax(large)),
-        KernelBench("rope", False, rope(2), rope(64), ew.rope_cost(64, 128).flops, rope(16)),
+        KernelBench("rmsnorm", False, None, rmsnorm(large), ew.rmsnorm_cost(large).flops, rmsnorm(large // 4)),
+        KernelBench("silu_mul", False, None, silu_mul(large), ew.silu_mul_cost(large).flops, silu_mul(large // 4)),
+        KernelBench("residual_add", False, None, residual(large), ew.residual_add_cost(large).flops, residual(large // 4)),
+        KernelBench("argmax", False, None, argmax(4 * large), ew.argmax_cost(4 * large).flops, argmax(large)),
+        KernelBench("rope", False, None, rope(64), ew.rope_cost(64, 128).flops, rope(16)),
     ]
     for fmt in ("f16", "q8_0", "f32"):
         def append(n_heads, fmt=fmt, n_layers=8, max_context=2048, window=64):
@@ -265,7 +289,7 @@ def _serial_benches() -> list[KernelBench]:
             return Call(run, kv.reshape(-1), lambda: ew.rope_rotate(kv[0], tables.cos[1], tables.sin[1]))
         # f32 appends count no FLOPs, so their roof is never divided into; 1 keeps gflops positive.
         flops = kv_append_cost(64, 128, fmt).flops or 1.0
-        benches.append(KernelBench(f"kv_append.{fmt}", False, append(1), append(64), flops, append(16)))
+        benches.append(KernelBench(f"kv_append.{fmt}", False, None, append(64), flops, append(16)))
     for fmt in ("q4_0", "q8_0", "f16", "f32"):
         def embedding(n, fmt=fmt):
             f = quant_format(fmt)
@@ -276,21 +300,19 @@ def _serial_benches() -> list[KernelBench]:
                 table.reshape(N_LAYERS, -1, f.block_bytes)[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
             emb, out, token = Embedding(f, table), np.empty(n, np.float32), iter(range(10**9))
             return Call(lambda: emb.row(next(token) % N_LAYERS, out))  # a new row each call: from DRAM, as in decode
-        benches.append(KernelBench(f"embedding.{fmt}", False, embedding(small), embedding(large), embedding_cost(large, quant_format(fmt)).flops,
+        benches.append(KernelBench(f"embedding.{fmt}", False, None, embedding(large), embedding_cost(large, quant_format(fmt)).flops,
                                    embedding(large // 4)))
     return benches
 
 
 class Producer:
-    """Runs before each timed call of a serial kernel (and of attention's tiny call) what runs before it
-    in decode: every thread streams its share of PRODUCER_BYTES (the next of PRODUCER_REGIONS regions of
-    its buffer, so the read comes from DRAM) and writes its share of the call's produced operand, as a parallel GEMV writes
-    its output. What a small op costs depends on how much of the process's working set the stream has
-    pushed out of the L3. Measured on this host class (tiny calls, 1 / 2 threads): after 4 MiB rmsnorm
-    5.4 / 2.9 us, kv_append 9.2 / 9.8; after 8 MiB 8.6 / 7.5 and 13.8 / 15.1; after 16 MiB 13.8 / 6.8
-    and 24.9 / 18.5. Decode's GEMVs read 5-28 MB each; 8 MiB is the size of the calibration's own
-    matrices (not a value fitted to a decode). Calibration version 4 timed them after an 8 MiB read on
-    one thread with no produced operand, and under-predicted decode's small ops by 20-60%."""
+    """Runs before each timed in-cache call of a serial kernel (and attention's tiny call) what runs
+    before it in decode: every thread streams its share of PRODUCER_BYTES (the next of PRODUCER_REGIONS
+    regions of its buffer, so the read comes from DRAM) and writes its share of the call's produced
+    operand, as a parallel GEMV writes its output. What a small op costs depends on how much of the
+    process's working set the stream has pushed out of the L3 (measured, tiny calls, 1 / 2 threads:
+    after 4 MiB rmsnorm 5.4 / 2.9 us, after 16 MiB 13.8 / 6.8). 8 MiB is the size of the calibration's
+    own matrices, not a value fitted to a decode."""
 
     def __init__(self):
         from perfsim.kernels.stream import stream_buffer
@@ -316,14 +338,13 @@ class Producer:
 
 
 def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: int) -> dict:
-    """{id(call): median seconds} of every call of the serial kernels, each timed after a Producer.
+    """{id(call): median seconds} of the in-cache calls of the serial kernels, each after a Producer.
 
     The kernels take turns, in groups that hold the small ops of one decode configuration (rmsnorm,
     rope, residual_add, silu_mul, argmax, one kv_append format, one embedding format: about the 7 small
     ops of a decode layer), one call size per round. Timed over and over in a loop of its own, a kernel
-    keeps its Python and Numba call path warm between calls, which decode never does; timed in turn
-    with all 15 serial kernels and 3 sizes, the path was colder than in decode (2-3x the decode's cost).
-    A neighbour's burst lands in a few rounds, and the median over rounds drops it."""
+    keeps its Python and Numba call path warm between calls, which decode never does. A neighbour's
+    burst lands in a few rounds, and the median over rounds drops it."""
     by_name = {bench.kernel: bench for bench in serial}
     formats = lambda prefix: sorted(name for name in by_name if name.startswith(prefix))  # noqa: E731
     kv_names, embedding_names = formats("kv_append."), formats("embedding.")
@@ -331,7 +352,7 @@ def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: i
     times = {}
     for i in range(max(len(kv_names), len(embedding_names))):
         names = common + [kv_names[i % len(kv_names)], embedding_names[i % len(embedding_names)]]
-        for size in ("tiny", "in_cache", "in_cache_quarter"):
+        for size in ("in_cache", "in_cache_quarter"):
             calls = [getattr(by_name[name], size) for name in names]
             befores = [producer.before(call, threads) for call in calls]
             samples = {id(call): [] for call in calls}
@@ -347,11 +368,82 @@ def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: i
     return times
 
 
-def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None) -> dict:
+def _decode_shaped_weights(model: ModelSpec) -> dict:
+    """{embedding format: Weights}: q4_0 layers and head, one weight set per embedding table format (each
+    table 64 random rows repeated: drawing 75M normal floats for an f32 table took 4 s)."""
+    from dataclasses import replace
+
+    from perfsim.engine import Embedding, _random_embedding, random_weights
+    from perfsim.quant import quant_format
+
+    weights = random_weights(model, "q4_0", seed=7)
+
+    def table(fmt):
+        rows = _random_embedding(64, model.hidden_size, quant_format(fmt), 7)
+        return Embedding(rows.format, np.tile(rows.table, (-(-model.vocab_size // 64), 1))[: model.vocab_size])
+
+    return {fmt: replace(weights, token_embd=table(fmt)) for fmt in {fmt for _, fmt in DECODE_SHAPED_SESSIONS}}
+
+
+@dataclass(frozen=True)
+class DecodeShapedCall:
+    """A serial kernel's call in decode of DECODE_SHAPED_MODEL at its two contexts (medians over steps)."""
+
+    short_s: float
+    long_s: float
+    cost: object  # Cost of one call (the same at both contexts)
+    short_kv_bytes: int  # K/V bytes one layer's attention read at each context (Op.layer_kv_bytes)
+    long_kv_bytes: int
+
+
+def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
+    """{kernel: DecodeShapedCall} of the serial ops (DECODE_SHAPED_OPS), timed by the engine in decode of
+    DECODE_SHAPED_MODEL, per DECODE_SHAPED_SESSIONS a session at each of DECODE_SHAPED_CONTEXTS, their
+    steps taking turns (the host drifts by 30% within a minute). The first layer's ops are left out: they
+    follow the streaming pass run before each step, which in a 32-layer model 1 layer in 32 does."""
+    from perfsim.engine import LAYER_OP_NAMES, Engine
+    from perfsim.measure import read_pass_gb_s
+    from perfsim.workload import decode_ops
+
+    samples, costs, kv_bytes = {}, {}, {}
+    first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
+    for kv_format, embedding_format in DECODE_SHAPED_SESSIONS:
+        engine = Engine(weights_by_embedding[embedding_format], kv_format)
+        kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format) for name, kernel in DECODE_SHAPED_OPS.items()}
+        sessions = []
+        for context in DECODE_SHAPED_CONTEXTS:
+            ops = {op.name: op for op in decode_ops(engine.model, engine.formats, context)}
+            session = engine.session(context + DECODE_SHAPED_STEPS)
+            session.fill_cache(context - 2)
+            for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
+                session.step(max(session.next_token, 0))
+            sessions.append((context, session, ops))
+            for name, kernel in kernels.items():
+                costs[kernel] = ops[name].cost
+        timed = [(i, kernels[name]) for i, name in enumerate(sessions[0][1].op_sequence) if name in kernels and i not in first_layer]
+        for _ in range(DECODE_SHAPED_STEPS):
+            for context, session, ops in sessions:
+                read_pass_gb_s(threads)
+                session.step(session.next_token)
+                per_call = {}
+                for i, kernel in timed:
+                    per_call.setdefault(kernel, []).append(session.marks[i + 1] - session.marks[i])
+                for kernel, seconds in per_call.items():
+                    samples.setdefault((kernel, context), []).append(statistics.fmean(seconds))
+                    # the norms, RoPE, ... run in every session, whose K/V formats read different bytes
+                    kv_bytes.setdefault((kernel, context), []).append(ops["attention"].cost.kv_bytes)
+    short, long = DECODE_SHAPED_CONTEXTS
+    return {kernel: DecodeShapedCall(statistics.median(samples[kernel, short]), statistics.median(samples[kernel, long]), cost,
+                                     round(statistics.fmean(kv_bytes[kernel, short])), round(statistics.fmean(kv_bytes[kernel, long])))
+            for kernel, cost in costs.items()}
+
+
+def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None,
+                 decode_call: DecodeShapedCall | None = None, bandwidth_gb_s: float = 0.0) -> dict:
     if not bench.parallel:
-        # Serial kernels touch a few KB per call, all of it cold in decode: each call, the work too, was
-        # timed after a Producer (kv_append writes one row per head, each a cache miss).
-        overhead_s, in_cache_s, quarter_s = (serial_times[id(c)] for c in (bench.tiny, bench.in_cache, bench.in_cache_quarter))
+        # Serial kernels touch a few KB per call, all of it cold in decode: the in-cache work was timed
+        # after a Producer (kv_append writes one row per head, each a cache miss).
+        in_cache_s, quarter_s = (serial_times[id(c)] for c in (bench.in_cache, bench.in_cache_quarter))
     else:
         if bench.kernel.startswith("attention"):
             # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
@@ -369,6 +461,16 @@ def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: i
         quarter_s = _median_call_s(bench.in_cache_quarter.run)
     # The slope between the two in-cache sizes is the compute roof, free of the fixed cost per call.
     gflops = 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
+    overhead_per_kv_mb_us = None
+    if decode_call is not None:
+        # A serial kernel's fixed cost: what its call took in decode (_decode_shaped_calls) beyond its roof
+        # there, as a line in the layer's K/V bytes through the two contexts (measured: Phi-3 Mini's
+        # norms 6-7 us a call at contexts 128-1024, 10-11 us at 2048-4096, one thread).
+        c = decode_call
+        roof_s = max(c.cost.flops / (gflops * 1e9), c.cost.bytes / (bandwidth_gb_s * 1e9))
+        per_kv_byte_s = max((c.long_s - c.short_s) / (c.long_kv_bytes - c.short_kv_bytes), 0.0)
+        overhead_s = max(c.short_s - roof_s - per_kv_byte_s * c.short_kv_bytes, 0.0)
+        overhead_per_kv_mb_us = _sig(per_kv_byte_s * 1e12)
     overlap = 0.0
     if bench.dram is not None:
         # Rounds of (one streaming pass, then a sweep of back-to-back calls over operands 3x the L3), the
@@ -389,7 +491,10 @@ def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: i
             compute_s, memory_s = bench.dram_flops / (gflops * 1e9), bench.dram_bytes / bandwidth
             fits.append((call_s - max(compute_s, memory_s)) / min(compute_s, memory_s))
         overlap = min(max(statistics.median(fits), 0.0), 1.0)
-    return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
+    roof = {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
+    if overhead_per_kv_mb_us is not None:
+        roof["overhead_us_per_kv_mb"] = overhead_per_kv_mb_us
+    return roof
 
 
 def _sig(x: float) -> float:
@@ -410,7 +515,8 @@ def measure_host(progress=None) -> dict:
     parallel = [_gemv_bench(f) for f in ("q4_0", "q8_0", "f16", "f32")]
     parallel += [_attention_bench(f, group) for f in ("f16", "q8_0", "f32") for group in (1, 4)]
     serial = _serial_benches()
-    total = len(thread_counts) * (1 + len(parallel) + len(serial))
+    decode_shaped = _decode_shaped_weights(DECODE_SHAPED_MODEL)
+    total = len(thread_counts) * (2 + len(parallel) + len(serial))
     done = 0
     data = stream_buffer(256 * 2**20)
     flush = stream_buffer(8 * 2**20)
@@ -428,10 +534,15 @@ def measure_host(progress=None) -> dict:
             done += 1
         # Serial kernels run on the calling thread, but what runs before them in decode (a GEMV on every
         # thread) sets what they find in the caches: they are measured at each thread count too.
+        report(done, total, f"serial ops in decode of a 4-layer model, {threads} threads")
+        set_threads(threads)
+        decode_calls = _decode_shaped_calls(decode_shaped, threads)
+        done += 1
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)
         for bench in serial:
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times)
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times,
+                                                               decode_calls[bench.kernel], bandwidth_gb_s[threads])
         done += len(serial)
     del data
     report(total, total, "done")

@@ -51,6 +51,9 @@ class KernelRoof:
     gflops: float  # with its data in cache: the compute roof this kernel really sees
     overlap: float  # 0: compute hides under memory traffic (a pure roofline); 1: they add up
     overhead_us: float  # fixed cost of one call: Python dispatch, parallel fork/join
+    # Serial kernels: the fixed cost grows with what the layer's attention streams through the caches
+    # between two calls (its K/V bytes, decimal MB): the op finds its call path colder at long contexts.
+    overhead_us_per_kv_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                     per_threads.fail(str(key), "expected a thread count (a whole number >= 1) as the key")
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
-                                        roof.number("overhead_us", minimum=0))
+                                        roof.number("overhead_us", minimum=0),
+                                        roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

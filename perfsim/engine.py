@@ -27,6 +27,7 @@ from perfsim.quant import F32, Formats, QuantFormat, quant_format
 from perfsim.workload import check_context, decode_ops
 
 OP_NAMES = tuple(op.name for op in decode_ops(ModelSpec("any", 1, 32, 1, 1, 32, 32, 2), Formats(), 1))
+LAYER_OP_NAMES = OP_NAMES[1:-3]  # once per layer, in order; token_embd before them, output_norm, lm_head, argmax after
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,9 @@ class Session:
         self.position = 0  # of the next token
         self.next_token = -1  # argmax of the last logits
         self.op_seconds = dict.fromkeys(OP_NAMES, 0.0)  # of the last step, each op summed over layers
+        self.marks = []  # of the last step: perf_counter() at its start and after each op of op_sequence
         # The ops of one step in execution order: the workload's names, layer ops once per layer.
-        layer_ops = OP_NAMES[1:-3]
-        self.op_sequence = OP_NAMES[:1] + layer_ops * m.n_layers + OP_NAMES[-3:]
+        self.op_sequence = OP_NAMES[:1] + LAYER_OP_NAMES * m.n_layers + OP_NAMES[-3:]
         f32 = np.float32
         self.x = np.zeros(m.hidden_size, f32)  # residual stream
         self.xn = np.zeros(m.hidden_size, f32)  # normed input of a block
@@ -241,6 +242,7 @@ class Session:
         for name, start, stop in zip(self.op_sequence, marks, marks[1:]):
             seconds[name] += stop - start
         self.op_seconds = seconds
+        self.marks = marks  # clock after each op of self.op_sequence, the step's start first
         self.position = pos + 1
         return self.logits
 

@@ -35,6 +35,9 @@ class Op:
     precision: str  # math precision of its FLOPs: "int8" (integer dot products), "f16" or "f32"
     count: int = 1  # executions per token (n_layers for layer ops)
     kernel: str = ""  # the kernel that runs it, e.g. "gemv.q4_0": a calibrated host profile has roofs per kernel
+    # Serial ops: the K/V bytes one layer's attention reads this token, streamed through the caches
+    # between two calls of the op (a calibrated host's fixed cost per call grows with it); 0 otherwise.
+    layer_kv_bytes: int = 0
     # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
     flops: float = field(init=False)
     bytes: int = field(init=False)
@@ -86,24 +89,30 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
         rows, cols = matrices[name]
         return Op(name, GEMV, gemv_cost(rows, cols, w), gemv_precision, L, gemv_kernel)
 
+    attention_op = Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache),
+                      "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads))
+    kv_read = attention_op.cost.kv_bytes
+
+    def serial(name, kind, cost, count, kernel):
+        return Op(name, kind, cost, "f32", count, kernel, kv_read)
+
     return (
-        Op("token_embd", EMBEDDING, embedding_cost(d, w), "f32", 1, f"embedding.{w.name}"),
-        Op("attn_norm", NORM, rmsnorm_cost(d), "f32", L, "rmsnorm"),
+        serial("token_embd", EMBEDDING, embedding_cost(d, w), 1, f"embedding.{w.name}"),
+        serial("attn_norm", NORM, rmsnorm_cost(d), L, "rmsnorm"),
         layer_gemv("attn_qkv"),
-        Op("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), "f32", L, "rope"),
-        Op("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), "f32", L, f"kv_append.{kv}"),
-        Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache), "f32", L,
-           attention_kernel(kv, model.n_heads, model.n_kv_heads)),
+        serial("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), L, "rope"),
+        serial("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), L, f"kv_append.{kv}"),
+        attention_op,
         layer_gemv("attn_output"),
-        Op("attn_residual", RESIDUAL, residual_add_cost(d), "f32", L, "residual_add"),
-        Op("ffn_norm", NORM, rmsnorm_cost(d), "f32", L, "rmsnorm"),
+        serial("attn_residual", RESIDUAL, residual_add_cost(d), L, "residual_add"),
+        serial("ffn_norm", NORM, rmsnorm_cost(d), L, "rmsnorm"),
         layer_gemv("ffn_gate_up"),
-        Op("ffn_act", ACTIVATION, silu_mul_cost(model.intermediate_size), "f32", L, "silu_mul"),
+        serial("ffn_act", ACTIVATION, silu_mul_cost(model.intermediate_size), L, "silu_mul"),
         layer_gemv("ffn_down"),
-        Op("ffn_residual", RESIDUAL, residual_add_cost(d), "f32", L, "residual_add"),
-        Op("output_norm", NORM, rmsnorm_cost(d), "f32", 1, "rmsnorm"),
+        serial("ffn_residual", RESIDUAL, residual_add_cost(d), L, "residual_add"),
+        serial("output_norm", NORM, rmsnorm_cost(d), 1, "rmsnorm"),
         Op("lm_head", GEMV, gemv_cost(model.vocab_size, d, w), gemv_precision, 1, gemv_kernel),
-        Op("argmax", SAMPLING, argmax_cost(model.vocab_size), "f32", 1, "argmax"),
+        serial("argmax", SAMPLING, argmax_cost(model.vocab_size), 1, "argmax"),
     )
 
 

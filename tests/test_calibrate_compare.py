@@ -132,24 +132,67 @@ def test_real_calibration_writes_a_valid_profile_in_under_a_minute(tmp_path):
     assert device.calibration["seconds"] < 90  # "under a minute" on a quiet machine; CI shares the box
 
 
-def test_serial_kernels_are_timed_after_a_producer_that_writes_their_input():
-    """Calibration times rope after a parallel stream that rewrites rope's input (as the qkv GEMV does
-    in decode), and rmsnorm after its decode predecessor, the residual add that writes its x."""
+def test_serial_kernels_in_cache_runs_follow_a_producer_that_writes_their_input():
+    """Calibration times rope's in-cache runs after a parallel stream that rewrites rope's input (as the
+    qkv GEMV does in decode), and rmsnorm's after its decode predecessor, the residual add that writes its x."""
     from perfsim.kernels.jit import set_threads
 
     benches = {b.kernel: b for b in calibrate._serial_benches()}
+    assert all(b.tiny is None for b in benches.values())  # their fixed costs come from decode (next tests)
     producer = calibrate.Producer()
     set_threads(1)
-    rope = benches["rope"].tiny
+    rope = benches["rope"].in_cache_quarter
     original = rope.produced.copy()
     before_rope = producer.before(rope, 1)
     rope.run()  # rotates its input in place
     assert not np.array_equal(rope.produced, original)
     before_rope()  # restores it, as a GEMV rewrites q and k before every RoPE
     np.testing.assert_array_equal(rope.produced, original)
-    norm = benches["rmsnorm"].tiny
+    norm = benches["rmsnorm"].in_cache_quarter
     calls = []
     norm_with_spy = calibrate.Call(norm.run, norm.produced, lambda: calls.append(1))
     producer.before(norm_with_spy, 1)()
     assert calls == [1]
-    assert benches["kv_append.f16"].tiny.predecessor is not None and benches["silu_mul"].tiny.predecessor is None
+    assert benches["kv_append.f16"].in_cache.predecessor is not None and benches["silu_mul"].in_cache.predecessor is None
+
+
+def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_line_in_kv_bytes():
+    """Hand arithmetic: in-cache calls of 7 us (work W) and 4 us (W/4) make the compute roof 0.75 W / 3 us;
+    decode calls of 12 us at 1 MB of K/V a layer and 16 us at 41 MB make 0.1 us per MB; the fixed cost is
+    12 us - the call's roof - 0.1 us."""
+    from perfsim.cost import Cost
+
+    work_flops = 3e5
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, work_flops, quarter)
+    call_cost = Cost(flops=20_000, act_bytes=36_000)
+    decode_call = calibrate.DecodeShapedCall(12e-6, 16e-6, call_cost, 1_000_000, 41_000_000)
+    roof = calibrate._kernel_roof(bench, None, None, 1, {id(in_cache): 7e-6, id(quarter): 4e-6}, decode_call, bandwidth_gb_s=18.0)
+    flops_per_s = 0.75 * work_flops / 3e-6
+    assert roof["gflops"] == pytest.approx(flops_per_s / 1e9, rel=1e-3)
+    roof_s = max(20_000 / flops_per_s, 36_000 / 18e9)  # 0.27 us compute, 2 us memory
+    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.1, rel=1e-3)
+    assert roof["overhead_us"] == pytest.approx((12e-6 - roof_s - 0.1e-6) * 1e6, rel=1e-3)
+    slower_long = dataclasses.replace(decode_call, long_s=10e-6)  # noise made the long context faster: no negative slope
+    assert calibrate._kernel_roof(bench, None, None, 1, {id(in_cache): 7e-6, id(quarter): 4e-6}, slower_long, 18.0)["overhead_us_per_kv_mb"] == 0
+
+
+def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monkeypatch):
+    """The plumbing of the decode-shaped run, on a tiny model: every serial kernel and format gets a
+    positive call time at both contexts, with the K/V bytes a layer's attention reads at each."""
+    from perfsim.kernels.jit import set_threads
+
+    monkeypatch.setattr(calibrate, "DECODE_SHAPED_CONTEXTS", (8, 40))
+    monkeypatch.setattr(calibrate, "DECODE_SHAPED_STEPS", 2)
+    set_threads(1)
+    calls = calibrate._decode_shaped_calls(calibrate._decode_shaped_weights(TINY), 1)
+    kernels = {"rmsnorm", "rope", "residual_add", "silu_mul", "argmax"} | {f"kv_append.{f}" for f in ("f16", "q8_0", "f32")}
+    assert set(calls) == kernels | {f"embedding.{f}" for f in ("q4_0", "q8_0", "f16", "f32")}
+    for kernel, call in calls.items():
+        assert call.short_s > 0 and call.long_s > 0
+        assert 0 < call.short_kv_bytes < call.long_kv_bytes
+    kv_values = TINY.n_kv_heads * TINY.head_dim * 2  # K and V, per position
+    assert calls["kv_append.f32"].short_kv_bytes == 8 * kv_values * 4 and calls["kv_append.f16"].long_kv_bytes == 40 * kv_values * 2
+    # rmsnorm runs in all four sessions: f16, q8_0 (34 bytes a block of 32), f32, f16 K/V
+    assert calls["rmsnorm"].short_kv_bytes == round(8 * kv_values * (2 + 34 / 32 + 4 + 2) / 4)
+    assert calls["rmsnorm"].cost.flops > 0 and calls["kv_append.f32"].cost.flops == 0
