@@ -32,7 +32,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 7  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 8  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -60,7 +60,7 @@ DECODE_SHAPED_SESSIONS = (("f16", "q4_0"), ("q8_0", "q8_0"), ("f32", "f16"), ("f
 # op name in the engine -> the kernel whose fixed cost it calibrates
 DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
-                     "output_norm": "rmsnorm", "argmax": "argmax"}
+                     "output_norm": "rmsnorm", "argmax": "argmax", "attention": "{attention}"}
 
 
 def cache_dir() -> Path:
@@ -213,11 +213,11 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
     cost = lambda n: attention_cost(n_heads, n_kv_heads, head_dim, n, fmt)
     dram_positions = int(DRAM_BYTES / 3 / (cost(1).kv_bytes))
     cache_positions = 1024 * group  # the same bytes in cache for either grouping
-    return KernelBench(
-        attention_kernel(fmt, n_heads, n_kv_heads), True, Call(cold_tiny()), Call(bench(1, cache_positions)),
-        cost(cache_positions).flops, Call(bench(1, cache_positions // 4)), bench(3, dram_positions), 3,
-        cost(dram_positions).flops, cost(dram_positions).bytes,
-    )
+    kernel = attention_kernel(fmt, n_heads, n_kv_heads)
+    in_cache = (Call(bench(1, cache_positions)), cost(cache_positions).flops, Call(bench(1, cache_positions // 4)))
+    if group == 1:  # multi-head: fixed cost and overlap come from decode (DECODE_SHAPED_OPS), only the compute roof from here
+        return KernelBench(kernel, True, None, *in_cache)
+    return KernelBench(kernel, True, Call(cold_tiny()), *in_cache, bench(3, dram_positions), 3, cost(dram_positions).flops, cost(dram_positions).bytes)
 
 
 def _serial_benches() -> list[KernelBench]:
@@ -387,17 +387,16 @@ def _decode_shaped_weights(model: ModelSpec) -> dict:
 
 @dataclass(frozen=True)
 class DecodeShapedCall:
-    """A serial kernel's call in decode of DECODE_SHAPED_MODEL at its two contexts (medians over steps)."""
+    """One kernel's call in decode of DECODE_SHAPED_MODEL, at each of DECODE_SHAPED_CONTEXTS."""
 
-    short_s: float
-    long_s: float
-    cost: object  # Cost of one call (the same at both contexts)
-    short_kv_bytes: int  # K/V bytes one layer's attention read at each context (Op.layer_kv_bytes)
-    long_kv_bytes: int
+    seconds: tuple  # median over steps of one call
+    costs: tuple  # Cost of one call (a serial op's is the same at both contexts)
+    kv_bytes: tuple  # K/V bytes one layer's attention read (Op.layer_kv_bytes of a serial op)
+    stream_gb_s: tuple  # median of the streaming passes run before the steps, as measured decode takes its roof
 
 
 def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
-    """{kernel: DecodeShapedCall} of the serial ops (DECODE_SHAPED_OPS), timed by the engine in decode of
+    """{kernel: DecodeShapedCall} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
     DECODE_SHAPED_MODEL, per DECODE_SHAPED_SESSIONS a session at each of DECODE_SHAPED_CONTEXTS, their
     steps taking turns (the host drifts by 30% within a minute). The first layer's ops are left out: they
     follow the streaming pass run before each step, which in a 32-layer model 1 layer in 32 does."""
@@ -405,11 +404,12 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
     from perfsim.measure import read_pass_gb_s
     from perfsim.workload import decode_ops
 
-    samples, costs, kv_bytes = {}, {}, {}
+    samples, costs, kv_bytes, passes = {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     for kv_format, embedding_format in DECODE_SHAPED_SESSIONS:
         engine = Engine(weights_by_embedding[embedding_format], kv_format)
-        kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format) for name, kernel in DECODE_SHAPED_OPS.items()}
+        attention = next(op.kernel for op in decode_ops(engine.model, engine.formats, 1) if op.name == "attention")
+        kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, attention=attention) for name, kernel in DECODE_SHAPED_OPS.items()}
         sessions = []
         for context in DECODE_SHAPED_CONTEXTS:
             ops = {op.name: op for op in decode_ops(engine.model, engine.formats, context)}
@@ -419,11 +419,11 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
                 session.step(max(session.next_token, 0))
             sessions.append((context, session, ops))
             for name, kernel in kernels.items():
-                costs[kernel] = ops[name].cost
+                costs[kernel, context] = ops[name].cost
         timed = [(i, kernels[name]) for i, name in enumerate(sessions[0][1].op_sequence) if name in kernels and i not in first_layer]
         for _ in range(DECODE_SHAPED_STEPS):
             for context, session, ops in sessions:
-                read_pass_gb_s(threads)
+                gb_s = read_pass_gb_s(threads)
                 session.step(session.next_token)
                 per_call = {}
                 for i, kernel in timed:
@@ -432,69 +432,90 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
                     samples.setdefault((kernel, context), []).append(statistics.fmean(seconds))
                     # the norms, RoPE, ... run in every session, whose K/V formats read different bytes
                     kv_bytes.setdefault((kernel, context), []).append(ops["attention"].cost.kv_bytes)
-    short, long = DECODE_SHAPED_CONTEXTS
-    return {kernel: DecodeShapedCall(statistics.median(samples[kernel, short]), statistics.median(samples[kernel, long]), cost,
-                                     round(statistics.fmean(kv_bytes[kernel, short])), round(statistics.fmean(kv_bytes[kernel, long])))
-            for kernel, cost in costs.items()}
+                    passes.setdefault((kernel, context), []).append(gb_s)
+    return {
+        kernel: DecodeShapedCall(
+            tuple(statistics.median(samples[kernel, c]) for c in DECODE_SHAPED_CONTEXTS),
+            tuple(costs[kernel, c] for c in DECODE_SHAPED_CONTEXTS),
+            tuple(round(statistics.fmean(kv_bytes[kernel, c])) for c in DECODE_SHAPED_CONTEXTS),
+            tuple(statistics.median(passes[kernel, c]) for c in DECODE_SHAPED_CONTEXTS),
+        )
+        for kernel in {kernel for kernel, _ in samples}
+    }
+
+
+def _compute_roof_gflops(bench: KernelBench, serial_times: dict | None) -> float:
+    """The slope between the two in-cache sizes: the compute roof, free of the fixed cost per call.
+    Serial kernels' in-cache calls were timed in turn after a Producer (_serial_call_times)."""
+    if bench.parallel:
+        in_cache_s, quarter_s = _median_call_s(bench.in_cache.run), _median_call_s(bench.in_cache_quarter.run)
+    else:
+        in_cache_s, quarter_s = (serial_times[id(c)] for c in (bench.in_cache, bench.in_cache_quarter))
+    return 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
+
+
+def _roof_from_decode(gflops: float, call: DecodeShapedCall, parallel: bool, bandwidth_gb_s: float) -> dict:
+    """A kernel's fixed cost and overlap from its calls in decode at the two contexts, its compute roof given.
+
+    Serial kernels: the call beyond its roof, a line in the layer's K/V bytes (measured: Phi-3 Mini's norms
+    6-7 us a call at contexts 128-1024, 10-11 us at 2048-4096, one thread); no overlap (a few KB).
+    Attention (multi-head): time - max(compute, memory) = overhead + overlap * min(compute, memory), a
+    line through the two contexts, memory at each context's own streaming passes. Fitted on DRAM sweeps
+    of 3 layers in a loop of its own, attention under-predicted decode's by 11-19% on one thread, in this
+    4-layer model as in Phi-3 Mini."""
+    if not parallel:
+        cost = call.costs[0]
+        roof_s = max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth_gb_s * 1e9))
+        (short_s, long_s), (short_kv, long_kv) = call.seconds, call.kv_bytes
+        per_kv_byte_s = max((long_s - short_s) / (long_kv - short_kv), 0.0)
+        overhead_s = max(short_s - roof_s - per_kv_byte_s * short_kv, 0.0)
+        return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(overhead_s * 1e6), "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12)}
+    hidden, excess = [], []
+    for seconds, cost, gb_s in zip(call.seconds, call.costs, call.stream_gb_s):
+        compute_s, memory_s = cost.flops / (gflops * 1e9), cost.bytes / (gb_s * 1e9)
+        hidden.append(min(compute_s, memory_s))
+        excess.append(seconds - max(compute_s, memory_s))
+    overlap = min(max((excess[1] - excess[0]) / (hidden[1] - hidden[0]), 0.0), 1.0)
+    overhead_s = max(excess[0] - overlap * hidden[0], 0.0)
+    return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
 
 
 def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None,
                  decode_call: DecodeShapedCall | None = None, bandwidth_gb_s: float = 0.0) -> dict:
-    if not bench.parallel:
-        # Serial kernels touch a few KB per call, all of it cold in decode: the in-cache work was timed
-        # after a Producer (kv_append writes one row per head, each a cache miss).
-        in_cache_s, quarter_s = (serial_times[id(c)] for c in (bench.in_cache, bench.in_cache_quarter))
-    else:
-        if bench.kernel.startswith("attention"):
-            # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
-            # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
-            before = producer.before(bench.tiny, threads)
-        else:
-            # In decode every op follows one that has streamed megabytes through the caches, so the fixed
-            # cost is timed after an 8 MiB streaming read (a hot loop calls a tiny GEMV ~2x faster).
-            before = stream_read
-        # Cold calls vary more than hot ones (what the stream left in the L3 varies), and a neighbour's
-        # burst once held a whole median of a tiny attention call at 764 us, against 41 us measured alone:
-        # the fixed cost is the median of three medians taken apart (11 calls each).
-        overhead_s = statistics.median(_median_call_s(bench.tiny.run, min_repeats=11, before=before) for _ in range(3))
-        in_cache_s = _median_call_s(bench.in_cache.run)
-        quarter_s = _median_call_s(bench.in_cache_quarter.run)
-    # The slope between the two in-cache sizes is the compute roof, free of the fixed cost per call.
-    gflops = 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
-    overhead_per_kv_mb_us = None
+    gflops = _compute_roof_gflops(bench, serial_times)
     if decode_call is not None:
-        # A serial kernel's fixed cost: what its call took in decode (_decode_shaped_calls) beyond its roof
-        # there, as a line in the layer's K/V bytes through the two contexts (measured: Phi-3 Mini's
-        # norms 6-7 us a call at contexts 128-1024, 10-11 us at 2048-4096, one thread).
-        c = decode_call
-        roof_s = max(c.cost.flops / (gflops * 1e9), c.cost.bytes / (bandwidth_gb_s * 1e9))
-        per_kv_byte_s = max((c.long_s - c.short_s) / (c.long_kv_bytes - c.short_kv_bytes), 0.0)
-        overhead_s = max(c.short_s - roof_s - per_kv_byte_s * c.short_kv_bytes, 0.0)
-        overhead_per_kv_mb_us = _sig(per_kv_byte_s * 1e12)
-    overlap = 0.0
-    if bench.dram is not None:
-        # Rounds of (one streaming pass, then a sweep of back-to-back calls over operands 3x the L3), the
-        # memory roof of each round its own pass: the host's bandwidth drifts by 10-30% over a minute
-        # (other VMs share its DRAM), which made a fit against a roof taken once swing between 0 and 0.7
-        # from run to run. The decode a prediction is compared with takes its roof the same way
-        # (perfsim.measure.read_pass_gb_s before each step).
-        from perfsim.measure import read_pass_gb_s
+        return _roof_from_decode(gflops, decode_call, bench.parallel, bandwidth_gb_s)
+    if bench.kernel.startswith("attention"):
+        # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
+        # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
+        before = producer.before(bench.tiny, threads)
+    else:
+        # In decode every op follows one that has streamed megabytes through the caches, so the fixed
+        # cost is timed after an 8 MiB streaming read (a hot loop calls a tiny GEMV ~2x faster).
+        before = stream_read
+    # Cold calls vary more than hot ones (what the stream left in the L3 varies), and a neighbour's
+    # burst once held a whole median of a tiny attention call at 764 us, against 41 us measured alone:
+    # the fixed cost is the median of three medians taken apart (11 calls each).
+    overhead_s = statistics.median(_median_call_s(bench.tiny.run, min_repeats=11, before=before) for _ in range(3))
+    # Rounds of (one streaming pass, then a sweep of back-to-back calls over operands 3x the L3), the
+    # memory roof of each round its own pass: the host's bandwidth drifts by 10-30% over a minute
+    # (other VMs share its DRAM), which made a fit against a roof taken once swing between 0 and 0.7
+    # from run to run. The decode a prediction is compared with takes its roof the same way
+    # (perfsim.measure.read_pass_gb_s before each step).
+    from perfsim.measure import read_pass_gb_s
 
-        bench.dram()
-        fits = []
-        for _ in range(OVERLAP_ROUNDS):
-            bandwidth = read_pass_gb_s(threads) * 1e9
-            start = time.perf_counter()
-            for _ in range(bench.dram_calls):
-                bench.dram()
-            call_s = (time.perf_counter() - start) / bench.dram_calls - overhead_s
-            compute_s, memory_s = bench.dram_flops / (gflops * 1e9), bench.dram_bytes / bandwidth
-            fits.append((call_s - max(compute_s, memory_s)) / min(compute_s, memory_s))
-        overlap = min(max(statistics.median(fits), 0.0), 1.0)
-    roof = {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
-    if overhead_per_kv_mb_us is not None:
-        roof["overhead_us_per_kv_mb"] = overhead_per_kv_mb_us
-    return roof
+    bench.dram()
+    fits = []
+    for _ in range(OVERLAP_ROUNDS):
+        bandwidth = read_pass_gb_s(threads) * 1e9
+        start = time.perf_counter()
+        for _ in range(bench.dram_calls):
+            bench.dram()
+        call_s = (time.perf_counter() - start) / bench.dram_calls - overhead_s
+        compute_s, memory_s = bench.dram_flops / (gflops * 1e9), bench.dram_bytes / bandwidth
+        fits.append((call_s - max(compute_s, memory_s)) / min(compute_s, memory_s))
+    overlap = min(max(statistics.median(fits), 0.0), 1.0)
+    return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
 
 
 def _sig(x: float) -> float:
@@ -527,17 +548,18 @@ def measure_host(progress=None) -> dict:
         report(done, total, f"read bandwidth, {threads} threads")
         bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
         done += 1
-        for bench in parallel:
-            report(done, total, f"{bench.kernel}, {threads} threads")
-            set_threads(threads)
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads)
-            done += 1
         # Serial kernels run on the calling thread, but what runs before them in decode (a GEMV on every
         # thread) sets what they find in the caches: they are measured at each thread count too.
-        report(done, total, f"serial ops in decode of a 4-layer model, {threads} threads")
+        report(done, total, f"ops in decode of a 4-layer model, {threads} threads")
         set_threads(threads)
         decode_calls = _decode_shaped_calls(decode_shaped, threads)
         done += 1
+        for bench in parallel:
+            report(done, total, f"{bench.kernel}, {threads} threads")
+            set_threads(threads)
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, None,
+                                                               decode_calls.get(bench.kernel), bandwidth_gb_s[threads])
+            done += 1
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)
         for bench in serial:
@@ -556,7 +578,8 @@ def measure_host(progress=None) -> dict:
         "name": "host",
         "display_name": f"{fingerprint['cpu_model']} (this host, calibrated)",
         "kind": "host",
-        "notes": "Calibrated by microbenchmarks of perfsim's own kernels; no end-to-end decode is measured to make it.",
+        "notes": "Calibrated by microbenchmarks of perfsim's own kernels, and by the engine's decode of a 4-layer model no Phi-3 is "
+                 "(the fixed costs of the serial ops, multi-head attention's fixed cost and overlap); no decode of a predicted model is measured.",
         "memory": {
             "capacity_gb": round(psutil.virtual_memory().total / 1e9, 3),
             "peak_bandwidth_gb_s": max(bandwidth_gb_s.values()),
