@@ -5,11 +5,13 @@ What is measured, at each thread count, and never the end-to-end decode it is la
   - per kernel, its fixed cost per call, its compute roof (the slope between two problem sizes), and
     how much of its compute fails to hide under the memory traffic (`overlap`, fitted in rounds of one
     streaming pass then a sweep over operands 3x the L3), at shapes no Phi-3 model has (4096-wide
-    matrices, 16 heads of 128). The fixed cost of a parallel kernel is a tiny problem timed in the state
-    decode leaves it (after a streaming read; attention on cold K/V rows); that of a serial kernel (a
-    norm, RoPE, ...) is its call in the engine's decode of a 4-layer model of another shape, at two
-    contexts (DECODE_SHAPED_MODEL): what those ops cost depends on what streams between them, and a
-    synthetic stand-in for that missed by up to 2x.
+    matrices, 16 heads of 128). For the kernels Phi-3 decode spends its time in by default (q4_0 GEMVs,
+    multi-head attention, the serial ops: norms, RoPE, kv_append, ...), the fixed cost and the overlap
+    are fitted instead on their calls in the engine's decode of a 4-layer model of another shape, at two
+    contexts (DECODE_SHAPED_MODEL): what those ops cost depends on what runs between them, and
+    stand-ins for that (a producer stream, sweeps in a loop of their own) missed by up to 2x, or swung
+    from one calibration to the next. The other formats' kernels keep the microbenchmark fits (a tiny
+    problem after a streaming read; attention on cold K/V rows; sweeps over operands 3x the L3).
 The profile has the schema of devices/*.yaml (plus `kernel_roofs` and `calibration`) and is written
 to a temporary file then renamed, so an interrupted run never leaves a half-written profile.
 """
@@ -32,7 +34,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 8  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 9  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -53,14 +55,16 @@ OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is
 # 20-50%. The larger model's GEMVs leave colder caches too; the compute roof stays a microbenchmark's.)
 DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20, n_kv_heads=20,
                                 intermediate_size=6912, vocab_size=4096, max_context=4096)
-DECODE_SHAPED_CONTEXTS = (128, 4000)  # 1.3 and 41 MB of f16 K/V a layer: the fixed costs are a line in those bytes
+DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
+DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer streams 45 MB of weights and 1.3 or 41 MB of f16 K/V: serial ops are a line in those bytes
 DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
 # (KV cache format, embedding table format) of each session: every format of both gets timed
 DECODE_SHAPED_SESSIONS = (("f16", "q4_0"), ("q8_0", "q8_0"), ("f32", "f16"), ("f16", "f32"))
-# op name in the engine -> the kernel whose fixed cost it calibrates
+# op name in the engine -> the kernel whose fixed cost it calibrates ({name}: the workload's kernel for that op)
 DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
-                     "output_norm": "rmsnorm", "argmax": "argmax", "attention": "{attention}"}
+                     "output_norm": "rmsnorm", "argmax": "argmax", "attention": "{attention}", "attn_qkv": "{attn_qkv}",
+                     "attn_output": "{attn_output}", "ffn_gate_up": "{ffn_gate_up}", "ffn_down": "{ffn_down}", "lm_head": "{lm_head}"}
 
 
 def cache_dir() -> Path:
@@ -157,10 +161,11 @@ def _gemv_bench(fmt: str) -> KernelBench:
 
     cache_rows = max(256, int(CACHE_BYTES / (cols * bytes_per_weight)) // 256 * 256)  # whole 32-row tiles per thread
     dram_rows = int(DRAM_BYTES / 3 / (cols * bytes_per_weight)) // 32 * 32
-    return KernelBench(
-        f"gemv.{fmt}", True, Call(bench(32)), Call(bench(cache_rows)), 2.0 * cache_rows * cols, Call(bench(cache_rows // 4)),
-        bench(dram_rows, copies=3), 3, 2.0 * dram_rows * cols, dram_rows * cols * bytes_per_weight,
-    )
+    in_cache = (Call(bench(cache_rows)), 2.0 * cache_rows * cols, Call(bench(cache_rows // 4)))
+    if fmt == DECODE_SHAPED_WEIGHTS:  # fixed cost and overlap come from decode (DECODE_SHAPED_OPS), only the compute roof from here
+        return KernelBench(f"gemv.{fmt}", True, None, *in_cache)
+    return KernelBench(f"gemv.{fmt}", True, Call(bench(32)), *in_cache, bench(dram_rows, copies=3), 3, 2.0 * dram_rows * cols,
+                       dram_rows * cols * bytes_per_weight)
 
 
 def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
@@ -376,7 +381,7 @@ def _decode_shaped_weights(model: ModelSpec) -> dict:
     from perfsim.engine import Embedding, _random_embedding, random_weights
     from perfsim.quant import quant_format
 
-    weights = random_weights(model, "q4_0", seed=7)
+    weights = random_weights(model, DECODE_SHAPED_WEIGHTS, seed=7)
 
     def table(fmt):
         rows = _random_embedding(64, model.hidden_size, quant_format(fmt), 7)
@@ -386,30 +391,32 @@ def _decode_shaped_weights(model: ModelSpec) -> dict:
 
 
 @dataclass(frozen=True)
-class DecodeShapedCall:
-    """One kernel's call in decode of DECODE_SHAPED_MODEL, at each of DECODE_SHAPED_CONTEXTS."""
+class DecodeShapedPoint:
+    """One op's call in decode of DECODE_SHAPED_MODEL at one context: medians over steps."""
 
-    seconds: tuple  # median over steps of one call
-    costs: tuple  # Cost of one call (a serial op's is the same at both contexts)
-    kv_bytes: tuple  # K/V bytes one layer's attention read (Op.layer_kv_bytes of a serial op)
-    stream_gb_s: tuple  # median of the streaming passes run before the steps, as measured decode takes its roof
+    seconds: float  # one call
+    cost: object  # Cost of one call
+    streamed_bytes: int  # bytes a layer streams between two calls of a serial op (Op.layer_streamed_bytes)
+    stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
 
 
 def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
-    """{kernel: DecodeShapedCall} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
-    DECODE_SHAPED_MODEL, per DECODE_SHAPED_SESSIONS a session at each of DECODE_SHAPED_CONTEXTS, their
-    steps taking turns (the host drifts by 30% within a minute). The first layer's ops are left out: they
-    follow the streaming pass run before each step, which in a 32-layer model 1 layer in 32 does."""
+    """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
+    DECODE_SHAPED_MODEL, per DECODE_SHAPED_SESSIONS a session at each of DECODE_SHAPED_CONTEXTS, their steps
+    taking turns (the host drifts by 30% within a minute). A serial kernel has one point per context (its
+    ops pooled: both norms, both residual adds); a GEMV or attention one per op and context. The first
+    layer's ops are left out: they follow the streaming pass run before each step, which in a 32-layer
+    model 1 layer in 32 does."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
     from perfsim.measure import read_pass_gb_s
-    from perfsim.workload import decode_ops
+    from perfsim.workload import ATTENTION, GEMV, decode_ops
 
-    samples, costs, kv_bytes, passes = {}, {}, {}, {}
+    samples, costs, streamed, passes = {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     for kv_format, embedding_format in DECODE_SHAPED_SESSIONS:
         engine = Engine(weights_by_embedding[embedding_format], kv_format)
-        attention = next(op.kernel for op in decode_ops(engine.model, engine.formats, 1) if op.name == "attention")
-        kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, attention=attention) for name, kernel in DECODE_SHAPED_OPS.items()}
+        names = {op.name: op.kernel for op in decode_ops(engine.model, engine.formats, 1)}
+        kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, **names) for name, kernel in DECODE_SHAPED_OPS.items()}
         sessions = []
         for context in DECODE_SHAPED_CONTEXTS:
             ops = {op.name: op for op in decode_ops(engine.model, engine.formats, context)}
@@ -418,30 +425,28 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
             for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
                 session.step(max(session.next_token, 0))
             sessions.append((context, session, ops))
-            for name, kernel in kernels.items():
-                costs[kernel, context] = ops[name].cost
-        timed = [(i, kernels[name]) for i, name in enumerate(sessions[0][1].op_sequence) if name in kernels and i not in first_layer]
+        # (op sequence index, kernel, key): parallel kernels keep a point per op, serial ones pool theirs
+        timed = [(i, kernels[name], (kernels[name], name if sessions[0][2][name].kind in (GEMV, ATTENTION) else ""))
+                 for i, name in enumerate(sessions[0][1].op_sequence) if name in kernels and i not in first_layer]
         for _ in range(DECODE_SHAPED_STEPS):
             for context, session, ops in sessions:
                 gb_s = read_pass_gb_s(threads)
                 session.step(session.next_token)
                 per_call = {}
-                for i, kernel in timed:
-                    per_call.setdefault(kernel, []).append(session.marks[i + 1] - session.marks[i])
-                for kernel, seconds in per_call.items():
-                    samples.setdefault((kernel, context), []).append(statistics.fmean(seconds))
+                for i, kernel, key in timed:
+                    per_call.setdefault(key, []).append(session.marks[i + 1] - session.marks[i])
+                    costs[key, context] = ops[session.op_sequence[i]].cost
+                for key, seconds in per_call.items():
+                    samples.setdefault((key, context), []).append(statistics.fmean(seconds))
                     # the norms, RoPE, ... run in every session, whose K/V formats read different bytes
-                    kv_bytes.setdefault((kernel, context), []).append(ops["attention"].cost.kv_bytes)
-                    passes.setdefault((kernel, context), []).append(gb_s)
-    return {
-        kernel: DecodeShapedCall(
-            tuple(statistics.median(samples[kernel, c]) for c in DECODE_SHAPED_CONTEXTS),
-            tuple(costs[kernel, c] for c in DECODE_SHAPED_CONTEXTS),
-            tuple(round(statistics.fmean(kv_bytes[kernel, c])) for c in DECODE_SHAPED_CONTEXTS),
-            tuple(statistics.median(passes[kernel, c]) for c in DECODE_SHAPED_CONTEXTS),
-        )
-        for kernel in {kernel for kernel, _ in samples}
-    }
+                    streamed.setdefault((key, context), []).append(ops["attn_norm"].layer_streamed_bytes)
+                    passes.setdefault((key, context), []).append(gb_s)
+    points = {}
+    for key, context in samples:
+        points.setdefault(key[0], []).append(DecodeShapedPoint(
+            statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(streamed[key, context])),
+            statistics.median(passes[key, context])))
+    return points
 
 
 def _compute_roof_gflops(bench: KernelBench, serial_times: dict | None) -> float:
@@ -454,37 +459,39 @@ def _compute_roof_gflops(bench: KernelBench, serial_times: dict | None) -> float
     return 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
 
 
-def _roof_from_decode(gflops: float, call: DecodeShapedCall, parallel: bool, bandwidth_gb_s: float) -> dict:
-    """A kernel's fixed cost and overlap from its calls in decode at the two contexts, its compute roof given.
+def _roof_from_decode(gflops: float, points: list, parallel: bool, bandwidth_gb_s: float) -> dict:
+    """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
-    Serial kernels: the call beyond its roof, a line in the layer's K/V bytes (measured: Phi-3 Mini's norms
-    6-7 us a call at contexts 128-1024, 10-11 us at 2048-4096, one thread); no overlap (a few KB).
-    Attention (multi-head): time - max(compute, memory) = overhead + overlap * min(compute, memory), a
-    line through the two contexts, memory at each context's own streaming passes. Fitted on DRAM sweeps
-    of 3 layers in a loop of its own, attention under-predicted decode's by 11-19% on one thread, in this
-    4-layer model as in Phi-3 Mini."""
+    Serial kernels: the call beyond its roof, a line in the bytes a layer streams, through the two contexts
+    (measured: Phi-3 Mini's norms 6-7 us a call at contexts 128-1024, 10-11 us at 2048-4096, one thread);
+    no overlap (a few KB).
+    GEMVs and attention: time - max(compute, memory) = overhead + overlap * min(compute, memory), the
+    least-squares line through the points (each op at each context), memory at their own streaming
+    passes. Fitted on sweeps in a loop of their own, attention under-predicted decode's by 11-19% on one
+    thread, in this 4-layer model as in Phi-3 Mini, and the q4_0 GEMVs' overlap came out 0.03-0.35
+    from one calibration to the next."""
     if not parallel:
-        cost = call.costs[0]
-        roof_s = max(cost.flops / (gflops * 1e9), cost.bytes / (bandwidth_gb_s * 1e9))
-        (short_s, long_s), (short_kv, long_kv) = call.seconds, call.kv_bytes
-        per_kv_byte_s = max((long_s - short_s) / (long_kv - short_kv), 0.0)
-        overhead_s = max(short_s - roof_s - per_kv_byte_s * short_kv, 0.0)
-        return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(overhead_s * 1e6), "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12)}
+        short, long = sorted(points, key=lambda p: p.streamed_bytes)
+        roof_s = max(short.cost.flops / (gflops * 1e9), short.cost.bytes / (bandwidth_gb_s * 1e9))
+        per_byte_s = max((long.seconds - short.seconds) / (long.streamed_bytes - short.streamed_bytes), 0.0)
+        overhead_s = max(short.seconds - roof_s - per_byte_s * short.streamed_bytes, 0.0)
+        return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(overhead_s * 1e6), "overhead_us_per_streamed_mb": _sig(per_byte_s * 1e12)}
     hidden, excess = [], []
-    for seconds, cost, gb_s in zip(call.seconds, call.costs, call.stream_gb_s):
-        compute_s, memory_s = cost.flops / (gflops * 1e9), cost.bytes / (gb_s * 1e9)
+    for p in points:
+        compute_s, memory_s = p.cost.flops / (gflops * 1e9), p.cost.bytes / (p.stream_gb_s * 1e9)
         hidden.append(min(compute_s, memory_s))
-        excess.append(seconds - max(compute_s, memory_s))
-    overlap = min(max((excess[1] - excess[0]) / (hidden[1] - hidden[0]), 0.0), 1.0)
-    overhead_s = max(excess[0] - overlap * hidden[0], 0.0)
+        excess.append(p.seconds - max(compute_s, memory_s))
+    slope, intercept = np.polyfit(hidden, excess, 1)
+    overlap = min(max(float(slope), 0.0), 1.0)
+    overhead_s = max(float(np.mean(excess)) - overlap * float(np.mean(hidden)), 0.0)  # the line's value, overlap clamped
     return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
 
 
 def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None,
-                 decode_call: DecodeShapedCall | None = None, bandwidth_gb_s: float = 0.0) -> dict:
+                 decode_points: list | None = None, bandwidth_gb_s: float = 0.0) -> dict:
     gflops = _compute_roof_gflops(bench, serial_times)
-    if decode_call is not None:
-        return _roof_from_decode(gflops, decode_call, bench.parallel, bandwidth_gb_s)
+    if decode_points:
+        return _roof_from_decode(gflops, decode_points, bench.parallel, bandwidth_gb_s)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -579,7 +586,7 @@ def measure_host(progress=None) -> dict:
         "display_name": f"{fingerprint['cpu_model']} (this host, calibrated)",
         "kind": "host",
         "notes": "Calibrated by microbenchmarks of perfsim's own kernels, and by the engine's decode of a 4-layer model no Phi-3 is "
-                 "(the fixed costs of the serial ops, multi-head attention's fixed cost and overlap); no decode of a predicted model is measured.",
+                 "(fixed costs and overlaps of the q4_0 GEMVs, multi-head attention and the serial ops); no decode of a predicted model is measured.",
         "memory": {
             "capacity_gb": round(psutil.virtual_memory().total / 1e9, 3),
             "peak_bandwidth_gb_s": max(bandwidth_gb_s.values()),

@@ -51,9 +51,9 @@ class KernelRoof:
     gflops: float  # with its data in cache: the compute roof this kernel really sees
     overlap: float  # 0: compute hides under memory traffic (a pure roofline); 1: they add up
     overhead_us: float  # fixed cost of one call: Python dispatch, parallel fork/join
-    # Serial kernels: the fixed cost grows with what the layer's attention streams through the caches
-    # between two calls (its K/V bytes, decimal MB): the op finds its call path colder at long contexts.
-    overhead_us_per_kv_mb: float = 0.0
+    # Serial kernels: the fixed cost grows with what a layer streams through the caches between two calls
+    # (weights and K/V, decimal MB): the op finds its call path colder in a larger model, at a longer context.
+    overhead_us_per_streamed_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
-                                        roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0))
+                                        roof.number("overhead_us_per_streamed_mb", minimum=0, required=False, default=0.0))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

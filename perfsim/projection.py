@@ -27,7 +27,7 @@ def carry_over(target: Device, unit_name: str | None, host: Device) -> Device | 
         precision = "int8" if kernel.startswith("gemv.q") else "f16" if kernel == "gemv.f16" else "f32"
         kernel_roofs[kernel] = {
             threads: KernelRoof(unit.peak_flops(precision) * unit.compute_efficiency * threads / unit.cores / 1e9,
-                                host_roof.overlap, host_roof.overhead_us, host_roof.overhead_us_per_kv_mb)
+                                host_roof.overlap, host_roof.overhead_us, host_roof.overhead_us_per_streamed_mb)
             for threads in range(1, unit.cores + 1)
         }
     projected: ComputeUnit = dataclasses.replace(unit, kernel_roofs=kernel_roofs)

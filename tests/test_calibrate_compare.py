@@ -156,10 +156,10 @@ def test_serial_kernels_in_cache_runs_follow_a_producer_that_writes_their_input(
     assert benches["kv_append.f16"].in_cache.predecessor is not None and benches["silu_mul"].in_cache.predecessor is None
 
 
-def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_line_in_kv_bytes():
+def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_line_in_streamed_bytes():
     """Hand arithmetic: in-cache calls of 7 us (work W) and 4 us (W/4) make the compute roof 0.75 W / 3 us;
-    decode calls of 12 us at 1 MB of K/V a layer and 16 us at 41 MB make 0.1 us per MB; the fixed cost is
-    12 us - the call's roof - 0.1 us."""
+    decode calls of 12 us when a layer streams 1 MB and 16 us at 41 MB make 0.1 us per MB; the fixed cost
+    is 12 us - the call's roof - 0.1 us."""
     from perfsim.cost import Cost
 
     work_flops = 3e5
@@ -167,28 +167,29 @@ def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_lin
     bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, work_flops, quarter)
     times = {id(in_cache): 7e-6, id(quarter): 4e-6}
     call_cost = Cost(flops=20_000, act_bytes=36_000)
-    decode_call = calibrate.DecodeShapedCall((12e-6, 16e-6), (call_cost, call_cost), (1_000_000, 41_000_000), (18.0, 18.0))
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, decode_call, bandwidth_gb_s=18.0)
+    points = [calibrate.DecodeShapedPoint(16e-6, call_cost, 41_000_000, 18.0), calibrate.DecodeShapedPoint(12e-6, call_cost, 1_000_000, 18.0)]
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, bandwidth_gb_s=18.0)
     flops_per_s = 0.75 * work_flops / 3e-6
     assert roof["gflops"] == pytest.approx(flops_per_s / 1e9, rel=1e-3)
     roof_s = max(20_000 / flops_per_s, 36_000 / 18e9)  # 0.27 us compute, 2 us memory
-    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.1, rel=1e-3)
+    assert roof["overhead_us_per_streamed_mb"] == pytest.approx(0.1, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx((12e-6 - roof_s - 0.1e-6) * 1e6, rel=1e-3)
-    faster_long = dataclasses.replace(decode_call, seconds=(12e-6, 10e-6))  # noise made the long context faster: no negative slope
-    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long, 18.0)["overhead_us_per_kv_mb"] == 0
+    faster_long = [dataclasses.replace(points[0], seconds=10e-6), points[1]]  # noise made the long context faster: no negative slope
+    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long, 18.0)["overhead_us_per_streamed_mb"] == 0
 
 
-def test_attentions_overhead_and_overlap_come_from_its_decode_calls_at_two_contexts():
-    """Hand arithmetic: compute roof 40 GFLOP/s; at the short context 4 MFLOP (100 us) and 2 MB at 20 GB/s
-    (100 us), at the long one 32 MFLOP (800 us) and 20 MB at 10 GB/s (2000 us): with overlap 0.25 and a
-    fixed cost of 30 us, the calls take 155 us and 2230 us, and the fit gives those two back."""
+def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode_calls():
+    """Hand arithmetic: compute roof 40 GFLOP/s; one call of 4 MFLOP (100 us) and 2 MB at 20 GB/s (100 us),
+    one of 32 MFLOP (800 us) and 20 MB at 10 GB/s (2000 us), one of 8 MFLOP (200 us) and 8 MB at 20 GB/s
+    (400 us): with overlap 0.25 and a fixed cost of 30 us they take 155, 2230 and 480 us, and the
+    least-squares fit gives those two back."""
     from perfsim.cost import Cost
 
-    call = calibrate.DecodeShapedCall((155e-6, 2230e-6), (Cost(flops=4e6, kv_bytes=2_000_000), Cost(flops=32e6, kv_bytes=20_000_000)),
-                                      (2_000_000, 20_000_000), (20.0, 10.0))
-    roof = calibrate._roof_from_decode(40.0, call, parallel=True, bandwidth_gb_s=99.0)  # each context's own passes, not this
+    point = lambda s, flops, n_bytes, gb_s: calibrate.DecodeShapedPoint(s, Cost(flops=flops, weight_bytes=n_bytes), 0, gb_s)  # noqa: E731
+    points = [point(155e-6, 4e6, 2_000_000, 20.0), point(2230e-6, 32e6, 20_000_000, 10.0), point(480e-6, 8e6, 8_000_000, 20.0)]
+    roof = calibrate._roof_from_decode(40.0, points, parallel=True, bandwidth_gb_s=99.0)  # each point's own passes, not this
     assert roof["overlap"] == pytest.approx(0.25, abs=1e-4) and roof["overhead_us"] == pytest.approx(30.0, rel=1e-3)
-    assert "overhead_us_per_kv_mb" not in roof
+    assert "overhead_us_per_streamed_mb" not in roof
 
 
 def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monkeypatch):
@@ -200,15 +201,17 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
     monkeypatch.setattr(calibrate, "DECODE_SHAPED_STEPS", 2)
     set_threads(1)
     calls = calibrate._decode_shaped_calls(calibrate._decode_shaped_weights(TINY), 1)
-    kernels = {"rmsnorm", "rope", "residual_add", "silu_mul", "argmax"} | {f"kv_append.{f}" for f in ("f16", "q8_0", "f32")}
+    kernels = {"rmsnorm", "rope", "residual_add", "silu_mul", "argmax", "gemv.q4_0"} | {f"kv_append.{f}" for f in ("f16", "q8_0", "f32")}
     attention = {f"attention.{f}.gqa" for f in ("f16", "q8_0", "f32")}  # TINY has 4 heads over 2 kv heads
     assert set(calls) == kernels | attention | {f"embedding.{f}" for f in ("q4_0", "q8_0", "f16", "f32")}
-    for kernel, call in calls.items():
-        assert all(s > 0 for s in call.seconds) and all(gb_s > 0 for gb_s in call.stream_gb_s)
-        assert 0 < call.kv_bytes[0] < call.kv_bytes[1]
+    for kernel, points in calls.items():
+        assert all(p.seconds > 0 and p.stream_gb_s > 0 for p in points)
+    assert len(calls["rmsnorm"]) == 2 and len(calls["gemv.q4_0"]) == 2 * 5  # serial ops pooled; each GEMV at each context
     kv_values = TINY.n_kv_heads * TINY.head_dim * 2  # K and V, per position
-    assert calls["kv_append.f32"].kv_bytes[0] == 8 * kv_values * 4 and calls["kv_append.f16"].kv_bytes[1] == 40 * kv_values * 2
+    layer_weights = sum(rows * cols for rows, cols in TINY.layer_matrices().values()) * 18 // 32
+    by_context = lambda kernel: sorted(calls[kernel], key=lambda p: p.streamed_bytes)  # noqa: E731
+    assert [p.streamed_bytes for p in by_context("kv_append.f32")] == [layer_weights + c * kv_values * 4 for c in (8, 40)]
     # rmsnorm runs in all four sessions: f16, q8_0 (34 bytes a block of 32), f32, f16 K/V
-    assert calls["rmsnorm"].kv_bytes[0] == round(8 * kv_values * (2 + 34 / 32 + 4 + 2) / 4)
-    assert calls["attention.f16.gqa"].costs[1].kv_bytes == 40 * kv_values * 2  # attention's cost grows with the context
-    assert calls["rmsnorm"].costs[0].flops > 0 and calls["kv_append.f32"].costs[0].flops == 0
+    assert by_context("rmsnorm")[0].streamed_bytes == layer_weights + round(8 * kv_values * (2 + 34 / 32 + 4 + 2) / 4)
+    assert sorted(p.cost.kv_bytes for p in calls["attention.f16.gqa"]) == [8 * kv_values * 2, 40 * kv_values * 2]
+    assert calls["rmsnorm"][0].cost.flops > 0 and calls["kv_append.f32"][0].cost.flops == 0

@@ -117,20 +117,22 @@ def test_roofline_time_is_the_larger_roof_plus_overhead():
     assert p.decode_tokens_per_s == pytest.approx(1 / sum(t.time_s for t in p.ops))
 
 
-def test_a_calibrated_serial_kernel_costs_more_per_call_at_longer_contexts():
-    """Paper arithmetic: rmsnorm's calibrated fixed cost is 5 us + 0.1 us per MB of K/V one layer's
-    attention reads; Phi-3 Mini's f16 K/V is 32 heads x 96 x 2 bytes x (K and V) = 12,288 bytes a position."""
+def test_a_calibrated_serial_kernel_costs_more_per_call_the_more_a_layer_streams():
+    """Paper arithmetic: rmsnorm's calibrated fixed cost is 5 us + 0.1 us per MB a layer streams: its q4_0
+    weights (LAYER_WEIGHTS x 18/32 bytes) and its f16 K/V, 32 heads x 96 x 2 bytes x (K and V) = 12,288
+    bytes a position."""
     data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"rmsnorm": {
-        1: {"gflops": 1000.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_kv_mb": 0.1}}})})
+        1: {"gflops": 1000.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_streamed_mb": 0.1}}})})
     device = device_from_data(data, "paper.yaml")
     for context in (1000, 4000):
         p = predict(MINI, Formats(), device, context=context, threads=1)
         (norm,) = [t for t in p.ops if t.op.name == "attn_norm"]
-        assert norm.op.layer_kv_bytes == 12_288 * context
+        streamed = LAYER_WEIGHTS * 18 // 32 + 12_288 * context
+        assert norm.op.layer_streamed_bytes == streamed
         roof_s = max(norm.op.bytes / 40e9, norm.op.flops / 1e12)
-        assert norm.time_s == pytest.approx(roof_s + 32 * (5e-6 + 0.1e-6 * 12_288 * context / 1e6))
+        assert norm.time_s == pytest.approx(roof_s + 32 * (5e-6 + 0.1e-6 * streamed / 1e6))
     (qkv,) = [op for op in decode_ops(MINI, Formats(), 4000) if op.name == "attn_qkv"]
-    assert qkv.layer_kv_bytes == 0  # the GEMVs' fixed cost does not depend on the context
+    assert qkv.layer_streamed_bytes == 0  # a GEMV's fixed cost is its own
 
 
 def test_cpu_bandwidth_saturates_with_threads():
