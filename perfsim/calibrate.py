@@ -39,20 +39,21 @@ DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
 CACHE_BYTES = 4 * 2**20
-PRODUCER_BYTES = 8 * 2**20  # streamed before each serial call (Producer): a quarter of the L3, about a 4096x4096 q4_0 GEMV
+PRODUCER_BYTES = 8 * 2**20  # streamed before each timed serial in-cache call (Producer): a quarter of the L3, a 4096x4096 q4_0 GEMV
 PRODUCER_REGIONS = 4  # the producer's buffer holds this many regions, read in turn: each read comes from DRAM
 SERIAL_ROUNDS = 21  # rounds of the serial kernels' in-cache calls in turn (_serial_call_times)
 OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is the median of
 
-# The fixed cost of each serial op (norms, RoPE, kv_append, residual adds, SiLU, embedding, argmax) is
-# timed where decode runs it: by the engine's own decode loop, between GEMVs that stream megabytes, in a
-# model no Phi-3 is (4 layers, hidden 2560, 20 heads of 128, MLP 6912: 45 MB of q4_0 weights a layer, so
-# every GEMV reads from DRAM), at contexts of 128 and 4000. Such an op costs decode mostly its call path (Python,
-# Numba's dispatch) run cold after a GEMV has streamed through the caches, plus a few cache misses. Timed
-# after a synthetic producer instead (calibration v6), those fixed costs came out 0.6x to 2x what Phi-3
-# decode measured, from one calibration to the next. (A line through two such models, the second with
-# hidden 4608, put all of the difference on the op's size: it over-predicted phi-3-small's small ops by
-# 20-50%. The larger model's GEMVs leave colder caches too; the compute roof stays a microbenchmark's.)
+# The fixed costs of the serial ops (norms, RoPE, kv_append, residual adds, SiLU, embedding, argmax), and
+# the fixed costs and overlaps of the q4_0 GEMVs and of multi-head attention, are timed where decode runs
+# them: by the engine's own decode loop, in a model no Phi-3 is (4 layers, hidden 2560, 20 heads of 128,
+# MLP 6912: 45 MB of q4_0 weights a layer, so every GEMV reads from DRAM), at contexts of 128 and 4000.
+# A serial op costs decode mostly its call path (Python, Numba's dispatch) run cold after a GEMV has
+# streamed through the caches, plus a few cache misses. Timed after a synthetic producer instead
+# (calibration v6), those fixed costs came out 0.6x to 2x what Phi-3 decode measured, from one
+# calibration to the next. (A line through two such models, the second with hidden 4608, put all of the
+# difference on the op's size: it over-predicted phi-3-small's small ops by 20-50%. The larger model's
+# GEMVs leave colder caches too: the fixed cost is a line in the bytes a layer streams instead.)
 DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20, n_kv_heads=20,
                                 intermediate_size=6912, vocab_size=4096, max_context=4096)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
@@ -425,15 +426,15 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
             for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
                 session.step(max(session.next_token, 0))
             sessions.append((context, session, ops))
-        # (op sequence index, kernel, key): parallel kernels keep a point per op, serial ones pool theirs
-        timed = [(i, kernels[name], (kernels[name], name if sessions[0][2][name].kind in (GEMV, ATTENTION) else ""))
+        # (op sequence index, (kernel, op name or "")): parallel kernels keep a point per op, serial ones pool theirs
+        timed = [(i, (kernels[name], name if sessions[0][2][name].kind in (GEMV, ATTENTION) else ""))
                  for i, name in enumerate(sessions[0][1].op_sequence) if name in kernels and i not in first_layer]
         for _ in range(DECODE_SHAPED_STEPS):
             for context, session, ops in sessions:
                 gb_s = read_pass_gb_s(threads)
                 session.step(session.next_token)
                 per_call = {}
-                for i, kernel, key in timed:
+                for i, key in timed:
                     per_call.setdefault(key, []).append(session.marks[i + 1] - session.marks[i])
                     costs[key, context] = ops[session.op_sequence[i]].cost
                 for key, seconds in per_call.items():
