@@ -34,7 +34,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 9  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 10  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -460,7 +460,7 @@ def _compute_roof_gflops(bench: KernelBench, serial_times: dict | None) -> float
     return 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
 
 
-def _roof_from_decode(gflops: float, points: list, parallel: bool, bandwidth_gb_s: float) -> dict:
+def _roof_from_decode(gflops: float, points: list, parallel: bool) -> dict:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
     Serial kernels: the call beyond its roof, a line in the bytes a layer streams, through the two contexts
@@ -473,7 +473,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, bandwidth_gb_
     from one calibration to the next."""
     if not parallel:
         short, long = sorted(points, key=lambda p: p.streamed_bytes)
-        roof_s = max(short.cost.flops / (gflops * 1e9), short.cost.bytes / (bandwidth_gb_s * 1e9))
+        roof_s = max(short.cost.flops / (gflops * 1e9), short.cost.bytes / (short.stream_gb_s * 1e9))
         per_byte_s = max((long.seconds - short.seconds) / (long.streamed_bytes - short.streamed_bytes), 0.0)
         overhead_s = max(short.seconds - roof_s - per_byte_s * short.streamed_bytes, 0.0)
         return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(overhead_s * 1e6), "overhead_us_per_streamed_mb": _sig(per_byte_s * 1e12)}
@@ -489,10 +489,10 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, bandwidth_gb_
 
 
 def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None,
-                 decode_points: list | None = None, bandwidth_gb_s: float = 0.0) -> dict:
+                 decode_points: list | None = None) -> dict:
     gflops = _compute_roof_gflops(bench, serial_times)
     if decode_points:
-        return _roof_from_decode(gflops, decode_points, bench.parallel, bandwidth_gb_s)
+        return _roof_from_decode(gflops, decode_points, bench.parallel)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -565,14 +565,12 @@ def measure_host(progress=None) -> dict:
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
             set_threads(threads)
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, None,
-                                                               decode_calls.get(bench.kernel), bandwidth_gb_s[threads])
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, None, decode_calls.get(bench.kernel))
             done += 1
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)
         for bench in serial:
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times,
-                                                               decode_calls[bench.kernel], bandwidth_gb_s[threads])
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times, decode_calls[bench.kernel])
         done += len(serial)
     del data
     report(total, total, "done")

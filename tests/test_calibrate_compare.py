@@ -168,14 +168,14 @@ def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_lin
     times = {id(in_cache): 7e-6, id(quarter): 4e-6}
     call_cost = Cost(flops=20_000, act_bytes=36_000)
     points = [calibrate.DecodeShapedPoint(16e-6, call_cost, 41_000_000, 18.0), calibrate.DecodeShapedPoint(12e-6, call_cost, 1_000_000, 18.0)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, bandwidth_gb_s=18.0)
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, points)  # memory at the points' own 18 GB/s
     flops_per_s = 0.75 * work_flops / 3e-6
     assert roof["gflops"] == pytest.approx(flops_per_s / 1e9, rel=1e-3)
     roof_s = max(20_000 / flops_per_s, 36_000 / 18e9)  # 0.27 us compute, 2 us memory
     assert roof["overhead_us_per_streamed_mb"] == pytest.approx(0.1, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx((12e-6 - roof_s - 0.1e-6) * 1e6, rel=1e-3)
     faster_long = [dataclasses.replace(points[0], seconds=10e-6), points[1]]  # noise made the long context faster: no negative slope
-    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long, 18.0)["overhead_us_per_streamed_mb"] == 0
+    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long)["overhead_us_per_streamed_mb"] == 0
 
 
 def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode_calls():
@@ -187,7 +187,7 @@ def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode
 
     point = lambda s, flops, n_bytes, gb_s: calibrate.DecodeShapedPoint(s, Cost(flops=flops, weight_bytes=n_bytes), 0, gb_s)  # noqa: E731
     points = [point(155e-6, 4e6, 2_000_000, 20.0), point(2230e-6, 32e6, 20_000_000, 10.0), point(480e-6, 8e6, 8_000_000, 20.0)]
-    roof = calibrate._roof_from_decode(40.0, points, parallel=True, bandwidth_gb_s=99.0)  # each point's own passes, not this
+    roof = calibrate._roof_from_decode(40.0, points, parallel=True)  # memory at each point's own passes
     assert roof["overlap"] == pytest.approx(0.25, abs=1e-4) and roof["overhead_us"] == pytest.approx(30.0, rel=1e-3)
     assert "overhead_us_per_streamed_mb" not in roof
 
