@@ -6,9 +6,9 @@ What is measured, at each thread count, and never the end-to-end decode it is la
     how much of its compute fails to hide under the memory traffic (`overlap`, fitted in rounds of one
     streaming pass then a sweep over operands 3x the L3), at shapes no Phi-3 model has (4096-wide
     matrices, 16 heads of 128). For the kernels Phi-3 decode spends its time in by default (q4_0 GEMVs,
-    multi-head attention, the serial ops: norms, RoPE, kv_append, ...), the fixed cost and the overlap
-    are fitted instead on their calls in the engine's decode of a 4-layer model of another shape, at two
-    contexts (DECODE_SHAPED_MODEL): what those ops cost depends on what runs between them, and
+    attention, the serial ops: norms, RoPE, kv_append, ...), the fixed cost and the overlap are fitted
+    instead on their calls in the engine's decode of 4-layer models of another shape, at two contexts
+    (DECODE_SHAPED_MODEL, and DECODE_SHAPED_GQA_MODEL for grouped-query attention): what those ops cost depends on what runs between them, and
     stand-ins for that (a producer stream, sweeps in a loop of their own) missed by up to 2x, or swung
     from one calibration to the next. The other formats' kernels keep the microbenchmark fits (a tiny
     problem after a streaming read; attention on cold K/V rows; sweeps over operands 3x the L3).
@@ -34,7 +34,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 10  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 11  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -56,6 +56,10 @@ OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is
 # GEMVs leave colder caches too: the fixed cost is a line in the bytes a layer streams instead.)
 DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20, n_kv_heads=20,
                                 intermediate_size=6912, vocab_size=4096, max_context=4096)
+# The same with 4 kv heads (grouped-query attention, 5 query heads each): the fixed cost and overlap of
+# attention.f16.gqa come from its decode at the same contexts, one session (f16 K/V, q4_0 embedding).
+DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20,
+                                    n_kv_heads=4, intermediate_size=6912, vocab_size=4096, max_context=4096)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
 DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer streams 45 MB of weights and 1.3 or 41 MB of f16 K/V: serial ops are a line in those bytes
 DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
@@ -66,6 +70,8 @@ DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnor
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
                      "output_norm": "rmsnorm", "argmax": "argmax", "attention": "{attention}", "attn_qkv": "{attn_qkv}",
                      "attn_output": "{attn_output}", "ffn_gate_up": "{ffn_gate_up}", "ffn_down": "{ffn_down}", "lm_head": "{lm_head}"}
+# Parallel kernels whose fixed cost and overlap come from those decodes (the others' from microbenchmarks)
+DECODE_FITTED_KERNELS = {f"gemv.{DECODE_SHAPED_WEIGHTS}", "attention.f16", "attention.q8_0", "attention.f32", "attention.f16.gqa"}
 
 
 def cache_dir() -> Path:
@@ -163,7 +169,7 @@ def _gemv_bench(fmt: str) -> KernelBench:
     cache_rows = max(256, int(CACHE_BYTES / (cols * bytes_per_weight)) // 256 * 256)  # whole 32-row tiles per thread
     dram_rows = int(DRAM_BYTES / 3 / (cols * bytes_per_weight)) // 32 * 32
     in_cache = (Call(bench(cache_rows)), 2.0 * cache_rows * cols, Call(bench(cache_rows // 4)))
-    if fmt == DECODE_SHAPED_WEIGHTS:  # fixed cost and overlap come from decode (DECODE_SHAPED_OPS), only the compute roof from here
+    if f"gemv.{fmt}" in DECODE_FITTED_KERNELS:  # fixed cost and overlap come from decode, only the compute roof from here
         return KernelBench(f"gemv.{fmt}", True, None, *in_cache)
     return KernelBench(f"gemv.{fmt}", True, Call(bench(32)), *in_cache, bench(dram_rows, copies=3), 3, 2.0 * dram_rows * cols,
                        dram_rows * cols * bytes_per_weight)
@@ -221,7 +227,7 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
     cache_positions = 1024 * group  # the same bytes in cache for either grouping
     kernel = attention_kernel(fmt, n_heads, n_kv_heads)
     in_cache = (Call(bench(1, cache_positions)), cost(cache_positions).flops, Call(bench(1, cache_positions // 4)))
-    if group == 1:  # multi-head: fixed cost and overlap come from decode (DECODE_SHAPED_OPS), only the compute roof from here
+    if kernel in DECODE_FITTED_KERNELS:  # fixed cost and overlap come from decode, only the compute roof from here
         return KernelBench(kernel, True, None, *in_cache)
     return KernelBench(kernel, True, Call(cold_tiny()), *in_cache, bench(3, dram_positions), 3, cost(dram_positions).flops, cost(dram_positions).bytes)
 
@@ -374,7 +380,7 @@ def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: i
     return times
 
 
-def _decode_shaped_weights(model: ModelSpec) -> dict:
+def _decode_shaped_weights(model: ModelSpec, sessions=DECODE_SHAPED_SESSIONS) -> dict:
     """{embedding format: Weights}: q4_0 layers and head, one weight set per embedding table format (each
     table 64 random rows repeated: drawing 75M normal floats for an f32 table took 4 s)."""
     from dataclasses import replace
@@ -388,7 +394,7 @@ def _decode_shaped_weights(model: ModelSpec) -> dict:
         rows = _random_embedding(64, model.hidden_size, quant_format(fmt), 7)
         return Embedding(rows.format, np.tile(rows.table, (-(-model.vocab_size // 64), 1))[: model.vocab_size])
 
-    return {fmt: replace(weights, token_embd=table(fmt)) for fmt in {fmt for _, fmt in DECODE_SHAPED_SESSIONS}}
+    return {fmt: replace(weights, token_embd=table(fmt)) for fmt in {fmt for _, fmt in sessions}}
 
 
 @dataclass(frozen=True)
@@ -401,7 +407,7 @@ class DecodeShapedPoint:
     stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
 
 
-def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
+def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS) -> dict:
     """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
     DECODE_SHAPED_MODEL, per DECODE_SHAPED_SESSIONS a session at each of DECODE_SHAPED_CONTEXTS, their steps
     taking turns (the host drifts by 30% within a minute). A serial kernel has one point per context (its
@@ -414,7 +420,7 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int) -> dict:
 
     samples, costs, streamed, passes = {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
-    for kv_format, embedding_format in DECODE_SHAPED_SESSIONS:
+    for kv_format, embedding_format in sessions:
         engine = Engine(weights_by_embedding[embedding_format], kv_format)
         names = {op.name: op.kernel for op in decode_ops(engine.model, engine.formats, 1)}
         kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, **names) for name, kernel in DECODE_SHAPED_OPS.items()}
@@ -545,6 +551,7 @@ def measure_host(progress=None) -> dict:
     parallel += [_attention_bench(f, group) for f in ("f16", "q8_0", "f32") for group in (1, 4)]
     serial = _serial_benches()
     decode_shaped = _decode_shaped_weights(DECODE_SHAPED_MODEL)
+    decode_shaped_gqa = _decode_shaped_weights(DECODE_SHAPED_GQA_MODEL, (DECODE_SHAPED_SESSIONS[0],))
     total = len(thread_counts) * (2 + len(parallel) + len(serial))
     done = 0
     data = stream_buffer(256 * 2**20)
@@ -558,9 +565,11 @@ def measure_host(progress=None) -> dict:
         done += 1
         # Serial kernels run on the calling thread, but what runs before them in decode (a GEMV on every
         # thread) sets what they find in the caches: they are measured at each thread count too.
-        report(done, total, f"ops in decode of a 4-layer model, {threads} threads")
+        report(done, total, f"ops in decode of 4-layer models, {threads} threads")
         set_threads(threads)
         decode_calls = _decode_shaped_calls(decode_shaped, threads)
+        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, (DECODE_SHAPED_SESSIONS[0],))
+        decode_calls.update({kernel: points for kernel, points in gqa_calls.items() if kernel.endswith(".gqa")})
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
@@ -584,8 +593,8 @@ def measure_host(progress=None) -> dict:
         "name": "host",
         "display_name": f"{fingerprint['cpu_model']} (this host, calibrated)",
         "kind": "host",
-        "notes": "Calibrated by microbenchmarks of perfsim's own kernels, and by the engine's decode of a 4-layer model no Phi-3 is "
-                 "(fixed costs and overlaps of the q4_0 GEMVs, multi-head attention and the serial ops); no decode of a predicted model is measured.",
+        "notes": "Calibrated by microbenchmarks of perfsim's own kernels, and by the engine's decode of two 4-layer models no Phi-3 is "
+                 "(fixed costs and overlaps of the q4_0 GEMVs, attention and the serial ops); no decode of a predicted model is measured.",
         "memory": {
             "capacity_gb": round(psutil.virtual_memory().total / 1e9, 3),
             "peak_bandwidth_gb_s": max(bandwidth_gb_s.values()),
