@@ -65,6 +65,7 @@ DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer streams 45 MB of weights and 1.3
 DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
 # (KV cache format, embedding table format) of each session: every format of both gets timed
 DECODE_SHAPED_SESSIONS = (("f16", "q4_0"), ("q8_0", "q8_0"), ("f32", "f16"), ("f16", "f32"))
+DECODE_SHAPED_GQA_SESSIONS = (("f16", "q4_0"),)  # only its .gqa attention kernel is taken from it
 # op name in the engine -> the kernel whose fixed cost it calibrates ({name}: the workload's kernel for that op)
 DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
@@ -135,7 +136,7 @@ class KernelBench:
 
     kernel: str
     parallel: bool
-    tiny: Call | None  # None for serial kernels: their fixed cost is timed in decode (DECODE_SHAPED_OPS)
+    tiny: Call | None  # None where the fixed cost is timed in decode: serial kernels and DECODE_FITTED_KERNELS
     in_cache: Call  # operands of CACHE_BYTES
     in_cache_flops: float
     in_cache_quarter: Call  # the same at a quarter of the work: the slope is the compute roof
@@ -409,7 +410,7 @@ class DecodeShapedPoint:
 
 def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS) -> dict:
     """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
-    DECODE_SHAPED_MODEL, per DECODE_SHAPED_SESSIONS a session at each of DECODE_SHAPED_CONTEXTS, their steps
+    the weights' model, per (KV format, embedding format) of `sessions` a session at each of DECODE_SHAPED_CONTEXTS, their steps
     taking turns (the host drifts by 30% within a minute). A serial kernel has one point per context (its
     ops pooled: both norms, both residual adds); a GEMV or attention one per op and context. The first
     layer's ops are left out: they follow the streaming pass run before each step, which in a 32-layer
@@ -422,31 +423,33 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     for kv_format, embedding_format in sessions:
         engine = Engine(weights_by_embedding[embedding_format], kv_format)
-        names = {op.name: op.kernel for op in decode_ops(engine.model, engine.formats, 1)}
-        kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, **names) for name, kernel in DECODE_SHAPED_OPS.items()}
-        sessions = []
+        by_context = []  # (context, session, {(kernel, op name or ""): op sequence indices})
         for context in DECODE_SHAPED_CONTEXTS:
             ops = {op.name: op for op in decode_ops(engine.model, engine.formats, context)}
+            kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, **{n: op.kernel for n, op in ops.items()})
+                       for name, kernel in DECODE_SHAPED_OPS.items()}
             session = engine.session(context + DECODE_SHAPED_STEPS)
             session.fill_cache(context - 2)
             for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
                 session.step(max(session.next_token, 0))
-            sessions.append((context, session, ops))
-        # (op sequence index, (kernel, op name or "")): parallel kernels keep a point per op, serial ones pool theirs
-        timed = [(i, (kernels[name], name if sessions[0][2][name].kind in (GEMV, ATTENTION) else ""))
-                 for i, name in enumerate(sessions[0][1].op_sequence) if name in kernels and i not in first_layer]
+            # parallel kernels keep a point per op, serial ones pool theirs (both norms, both residual adds)
+            timed = {}
+            for i, name in enumerate(session.op_sequence):
+                if name in kernels and i not in first_layer:
+                    key = (kernels[name], name if ops[name].kind in (GEMV, ATTENTION) else "")
+                    timed.setdefault(key, []).append(i)
+                    costs[key, context] = ops[name].cost
+            for key in timed:
+                # the norms, RoPE, ... run in every session, whose K/V formats stream different bytes
+                streamed.setdefault((key, context), []).append(ops["attn_norm"].layer_streamed_bytes)
+            by_context.append((context, session, timed))
         for _ in range(DECODE_SHAPED_STEPS):
-            for context, session, ops in sessions:
+            for context, session, timed in by_context:
                 gb_s = read_pass_gb_s(threads)
                 session.step(session.next_token)
-                per_call = {}
-                for i, key in timed:
-                    per_call.setdefault(key, []).append(session.marks[i + 1] - session.marks[i])
-                    costs[key, context] = ops[session.op_sequence[i]].cost
-                for key, seconds in per_call.items():
-                    samples.setdefault((key, context), []).append(statistics.fmean(seconds))
-                    # the norms, RoPE, ... run in every session, whose K/V formats read different bytes
-                    streamed.setdefault((key, context), []).append(ops["attn_norm"].layer_streamed_bytes)
+                marks = session.marks
+                for key, indices in timed.items():
+                    samples.setdefault((key, context), []).append(statistics.fmean(marks[i + 1] - marks[i] for i in indices))
                     passes.setdefault((key, context), []).append(gb_s)
     points = {}
     for key, context in samples:
@@ -551,7 +554,7 @@ def measure_host(progress=None) -> dict:
     parallel += [_attention_bench(f, group) for f in ("f16", "q8_0", "f32") for group in (1, 4)]
     serial = _serial_benches()
     decode_shaped = _decode_shaped_weights(DECODE_SHAPED_MODEL)
-    decode_shaped_gqa = _decode_shaped_weights(DECODE_SHAPED_GQA_MODEL, (DECODE_SHAPED_SESSIONS[0],))
+    decode_shaped_gqa = _decode_shaped_weights(DECODE_SHAPED_GQA_MODEL, DECODE_SHAPED_GQA_SESSIONS)
     total = len(thread_counts) * (2 + len(parallel) + len(serial))
     done = 0
     data = stream_buffer(256 * 2**20)
@@ -568,7 +571,7 @@ def measure_host(progress=None) -> dict:
         report(done, total, f"ops in decode of 4-layer models, {threads} threads")
         set_threads(threads)
         decode_calls = _decode_shaped_calls(decode_shaped, threads)
-        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, (DECODE_SHAPED_SESSIONS[0],))
+        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS)
         decode_calls.update({kernel: points for kernel, points in gqa_calls.items() if kernel.endswith(".gqa")})
         done += 1
         for bench in parallel:

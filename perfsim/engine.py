@@ -187,7 +187,6 @@ class Session:
         self.rope = rope_tables(max_context, m.head_dim, m.rope_theta)
         self.position = 0  # of the next token
         self.next_token = -1  # argmax of the last logits
-        self.op_seconds = dict.fromkeys(OP_NAMES, 0.0)  # of the last step, each op summed over layers
         self.marks = []  # of the last step: perf_counter() at its start and after each op of op_sequence
         # The ops of one step in execution order: the workload's names, layer ops once per layer.
         self.op_sequence = OP_NAMES[:1] + LAYER_OP_NAMES * m.n_layers + OP_NAMES[-3:]
@@ -238,13 +237,17 @@ class Session:
         gemv(w.lm_head, xn, self.logits); tick(clock())  # noqa: E702
         self.next_token = int(argmax(self.logits)); tick(clock())  # noqa: E702
 
-        seconds = dict.fromkeys(OP_NAMES, 0.0)
-        for name, start, stop in zip(self.op_sequence, marks, marks[1:]):
-            seconds[name] += stop - start
-        self.op_seconds = seconds
-        self.marks = marks  # clock after each op of self.op_sequence, the step's start first
+        self.marks = marks
         self.position = pos + 1
         return self.logits
+
+    @property
+    def op_seconds(self) -> dict:
+        """Seconds of each op of the last step, summed over layers (zeros before the first step)."""
+        seconds = dict.fromkeys(OP_NAMES, 0.0)
+        for name, start, stop in zip(self.op_sequence, self.marks, self.marks[1:]):
+            seconds[name] += stop - start
+        return seconds
 
     def generate(self, prompt: list[int], n_new_tokens: int) -> list[int]:
         """Greedy decoding: feed the prompt token by token, then n_new_tokens argmax tokens."""

@@ -89,9 +89,10 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
         rows, cols = matrices[name]
         return Op(name, GEMV, gemv_cost(rows, cols, w), gemv_precision, L, gemv_kernel)
 
+    gemvs = {name: layer_gemv(name) for name in matrices}
     attention_op = Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache),
                       "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads))
-    streamed = sum(gemv_cost(rows, cols, w).weight_bytes for rows, cols in matrices.values()) + attention_op.cost.kv_bytes
+    streamed = sum(op.cost.weight_bytes for op in gemvs.values()) + attention_op.cost.kv_bytes
 
     def serial(name, kind, cost, count, kernel):
         return Op(name, kind, cost, "f32", count, kernel, streamed)
@@ -99,16 +100,16 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
     return (
         serial("token_embd", EMBEDDING, embedding_cost(d, w), 1, f"embedding.{w.name}"),
         serial("attn_norm", NORM, rmsnorm_cost(d), L, "rmsnorm"),
-        layer_gemv("attn_qkv"),
+        gemvs["attn_qkv"],
         serial("rope", ROPE, rope_cost(model.n_heads + model.n_kv_heads, model.head_dim), L, "rope"),
         serial("kv_append", KV_APPEND, kv_append_cost(model.n_kv_heads, model.head_dim, formats.kv_cache), L, f"kv_append.{kv}"),
         attention_op,
-        layer_gemv("attn_output"),
+        gemvs["attn_output"],
         serial("attn_residual", RESIDUAL, residual_add_cost(d), L, "residual_add"),
         serial("ffn_norm", NORM, rmsnorm_cost(d), L, "rmsnorm"),
-        layer_gemv("ffn_gate_up"),
+        gemvs["ffn_gate_up"],
         serial("ffn_act", ACTIVATION, silu_mul_cost(model.intermediate_size), L, "silu_mul"),
-        layer_gemv("ffn_down"),
+        gemvs["ffn_down"],
         serial("ffn_residual", RESIDUAL, residual_add_cost(d), L, "residual_add"),
         serial("output_norm", NORM, rmsnorm_cost(d), 1, "rmsnorm"),
         Op("lm_head", GEMV, gemv_cost(model.vocab_size, d, w), gemv_precision, 1, gemv_kernel),
