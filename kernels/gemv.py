@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfsim.cost import Cost
-from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, llvm_prefetch, prange, set_threads, zeros_huge_pages
+from perfsim.kernels.jit import LazyIntrinsic, f16_to_f32, jit, llvm_prefetch, prange, set_threads, threads_in_use, zeros_huge_pages
 from perfsim.quant import F16, F32, Q4_0, Q8_0, QuantFormat
 
 ROW_TILE = 32  # rows per tile: 2 x 16 int16 lanes, i.e. two 256-bit vectors per step
@@ -503,12 +503,16 @@ def avx2_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels. Each parallel loop runs over row tiles; a thread owns 32 rows of y.
+# Kernels. The quantized ones split the row tiles into one contiguous run per thread, and each
+# thread allocates its scratch once: with `prange` over the tiles, two small arrays per tile cost
+# 3-4 points of the streaming rate at 3072x3072 from DRAM on 2 threads (83% -> 87-90%, A/B in one
+# process, 9 rounds each; no difference in cache).
 
 
-# Every index below is a loop counter from 0, on a (tile, block) view: LLVM then knows no index is
-# negative and drops Numba's wraparound check, which otherwise turned the contiguous loads of the
-# fp16 scales into 32 scalar inserts per block (measured: 1.6x slower q4_0 avx2 kernel).
+# Every index below is a loop counter from 0, on a (tile, block) view (a thread's run of tiles is a
+# slice, indexed from 0): LLVM then knows no index is negative and drops Numba's wraparound check,
+# which otherwise turned the contiguous loads of the fp16 scales into 32 scalar inserts per block
+# (measured: 1.6x slower q4_0 avx2 kernel).
 
 
 PREFETCH_BYTES_AHEAD = 2048  # measured 1024/2048/4096: 2048 best, +5-15% GB/s from DRAM over none
@@ -543,6 +547,12 @@ def _add_scaled_q4_block(acc, sums, x_sum, d, x_scale):
 
 
 @jit()
+def _thread_tiles(part, n_parts, n_tiles):
+    """The tiles thread `part` of n_parts owns: a contiguous run, sizes differing by at most one."""
+    return part * n_tiles // n_parts, (part + 1) * n_tiles // n_parts
+
+
+@jit()
 def _store_tile(out, tile, acc):
     for i in range(min(32, out.size - tile * 32)):
         out[tile * 32 + i] = acc[i]
@@ -568,47 +578,56 @@ def _nibbles_dot(lane, x_a, x_b, x_c, x_d):
 
 
 @jit(parallel=True)
-def _gemv_q4_0_portable(qs16, d, x, out):
+def _gemv_q4_0_portable(qs16, d, x, out, n_parts):
     """qs16: PackedQ4_0.qs viewed as uint16 (n_tiles, n_blocks, 256): lane 32p+i = row i, pair p."""
     n_tiles, n_blocks = qs16.shape[0], qs16.shape[1]
     xq, x_scale, x_sums = _quantized_activation(x)
     x16 = xq.astype(np.int16)
-    # The 8 pairs of a block are written out so that the only loop left, over the 32 rows, is the
-    # one LLVM vectorizes, with the sums in registers: with a loop over pairs around it, the sums
-    # went through memory on every pair (behind a runtime alias check): 20 -> 27 G weights/s.
-    for t in prange(n_tiles):
-        acc = np.zeros(32, np.float32)
+    for part in prange(n_parts):
+        acc = np.empty(32, np.float32)
         sums = np.empty(32, np.int16)
-        for b in range(n_blocks):
-            _prefetch_ahead(qs16[t], d[t], b, 512)
-            lanes, v = qs16[t, b], x16[b * 32 : b * 32 + 32]
-            for i in range(32):
-                sums[i] = np.int16(
-                    _nibbles_dot(lanes[i], v[0], v[1], v[16], v[17])
-                    + _nibbles_dot(lanes[32 + i], v[2], v[3], v[18], v[19])
-                    + _nibbles_dot(lanes[64 + i], v[4], v[5], v[20], v[21])
-                    + _nibbles_dot(lanes[96 + i], v[6], v[7], v[22], v[23])
-                    + _nibbles_dot(lanes[128 + i], v[8], v[9], v[24], v[25])
-                    + _nibbles_dot(lanes[160 + i], v[10], v[11], v[26], v[27])
-                    + _nibbles_dot(lanes[192 + i], v[12], v[13], v[28], v[29])
-                    + _nibbles_dot(lanes[224 + i], v[14], v[15], v[30], v[31])
-                )
-            _add_scaled_q4_block(acc, sums, x_sums[b], d[t, b], x_scale[b])
-        _store_tile(out, t, acc)
+        first, stop = _thread_tiles(part, n_parts, n_tiles)
+        qs_part, d_part = qs16[first:stop], d[first:stop]
+        for t in range(stop - first):
+            acc[:] = 0
+            for b in range(n_blocks):
+                _prefetch_ahead(qs_part[t], d_part[t], b, 512)
+                lanes, v = qs_part[t, b], x16[b * 32 : b * 32 + 32]
+                # The 8 pairs of a block are written out so that the only loop left, over the 32 rows, is
+                # the one LLVM vectorizes, with the sums in registers: with a loop over pairs around it,
+                # the sums went through memory on every pair (behind a runtime alias check): 20 -> 27 G
+                # weights/s. (In a function of its own, the same loop lost ~10%.)
+                for i in range(32):
+                    sums[i] = np.int16(
+                        _nibbles_dot(lanes[i], v[0], v[1], v[16], v[17])
+                        + _nibbles_dot(lanes[32 + i], v[2], v[3], v[18], v[19])
+                        + _nibbles_dot(lanes[64 + i], v[4], v[5], v[20], v[21])
+                        + _nibbles_dot(lanes[96 + i], v[6], v[7], v[22], v[23])
+                        + _nibbles_dot(lanes[128 + i], v[8], v[9], v[24], v[25])
+                        + _nibbles_dot(lanes[160 + i], v[10], v[11], v[26], v[27])
+                        + _nibbles_dot(lanes[192 + i], v[12], v[13], v[28], v[29])
+                        + _nibbles_dot(lanes[224 + i], v[14], v[15], v[30], v[31])
+                    )
+                _add_scaled_q4_block(acc, sums, x_sums[b], d_part[t, b], x_scale[b])
+            _store_tile(out, first + t, acc)
 
 
 @jit(parallel=True)
-def _gemv_q4_0_avx2(qs, d, x, out):
+def _gemv_q4_0_avx2(qs, d, x, out, n_parts):
     n_tiles, n_blocks = qs.shape[0], qs.shape[1]
     xq, x_scale, x_sums = _quantized_activation(x)
-    for t in prange(n_tiles):
-        acc = np.zeros(32, np.float32)
+    for part in prange(n_parts):
+        acc = np.empty(32, np.float32)
         sums = np.empty(32, np.int16)
-        for b in range(n_blocks):
-            _prefetch_ahead(qs[t], d[t], b, 512)
-            _q4_block_sums_avx2(qs[t, b], xq[b * 32 : b * 32 + 32], sums)
-            _add_scaled_q4_block(acc, sums, x_sums[b], d[t, b], x_scale[b])
-        _store_tile(out, t, acc)
+        first, stop = _thread_tiles(part, n_parts, n_tiles)
+        qs_part, d_part = qs[first:stop], d[first:stop]
+        for t in range(stop - first):
+            acc[:] = 0
+            for b in range(n_blocks):
+                _prefetch_ahead(qs_part[t], d_part[t], b, 512)
+                _q4_block_sums_avx2(qs_part[t, b], xq[b * 32 : b * 32 + 32], sums)
+                _add_scaled_q4_block(acc, sums, x_sums[b], d_part[t, b], x_scale[b])
+            _store_tile(out, first + t, acc)
 
 
 @jit()
@@ -619,58 +638,67 @@ def _int8_pair_dot(lane, x_a, x_b):
 
 
 @jit(parallel=True)
-def _gemv_q8_0_portable(qs16, d, x, out):
+def _gemv_q8_0_portable(qs16, d, x, out, n_parts):
     """qs16: PackedQ8_0.qs viewed as int16 (n_tiles, n_blocks, 512): lane 32p+i = row i, pair p."""
     n_tiles, n_blocks = qs16.shape[0], qs16.shape[1]
     xq, x_scale, _ = _quantized_activation(x)
     x16 = xq.astype(np.int16)
-    # pairs written out as in _gemv_q4_0_portable: 10 -> 13 G weights/s
-    for t in prange(n_tiles):
-        acc = np.zeros(32, np.float32)
+    for part in prange(n_parts):
+        acc = np.empty(32, np.float32)
         sums = np.empty(32, np.int32)
-        for b in range(n_blocks):
-            _prefetch_ahead(qs16[t], d[t], b, 1024)
-            lanes, v = qs16[t, b], x16[b * 32 : b * 32 + 32]
-            for i in range(32):
-                sums[i] = (
-                    _int8_pair_dot(lanes[i], v[0], v[1])
-                    + _int8_pair_dot(lanes[32 + i], v[2], v[3])
-                    + _int8_pair_dot(lanes[64 + i], v[4], v[5])
-                    + _int8_pair_dot(lanes[96 + i], v[6], v[7])
-                    + _int8_pair_dot(lanes[128 + i], v[8], v[9])
-                    + _int8_pair_dot(lanes[160 + i], v[10], v[11])
-                    + _int8_pair_dot(lanes[192 + i], v[12], v[13])
-                    + _int8_pair_dot(lanes[224 + i], v[14], v[15])
-                    + _int8_pair_dot(lanes[256 + i], v[16], v[17])
-                    + _int8_pair_dot(lanes[288 + i], v[18], v[19])
-                    + _int8_pair_dot(lanes[320 + i], v[20], v[21])
-                    + _int8_pair_dot(lanes[352 + i], v[22], v[23])
-                    + _int8_pair_dot(lanes[384 + i], v[24], v[25])
-                    + _int8_pair_dot(lanes[416 + i], v[26], v[27])
-                    + _int8_pair_dot(lanes[448 + i], v[28], v[29])
-                    + _int8_pair_dot(lanes[480 + i], v[30], v[31])
-                )
-            _add_scaled_block(acc, sums, d[t, b], x_scale[b])
-        _store_tile(out, t, acc)
+        first, stop = _thread_tiles(part, n_parts, n_tiles)
+        qs_part, d_part = qs16[first:stop], d[first:stop]
+        for t in range(stop - first):
+            acc[:] = 0
+            for b in range(n_blocks):
+                _prefetch_ahead(qs_part[t], d_part[t], b, 1024)
+                lanes, v = qs_part[t, b], x16[b * 32 : b * 32 + 32]
+                for i in range(32):  # pairs written out as in _gemv_q4_0_portable: 10 -> 13 G weights/s
+                    sums[i] = (
+                        _int8_pair_dot(lanes[i], v[0], v[1])
+                        + _int8_pair_dot(lanes[32 + i], v[2], v[3])
+                        + _int8_pair_dot(lanes[64 + i], v[4], v[5])
+                        + _int8_pair_dot(lanes[96 + i], v[6], v[7])
+                        + _int8_pair_dot(lanes[128 + i], v[8], v[9])
+                        + _int8_pair_dot(lanes[160 + i], v[10], v[11])
+                        + _int8_pair_dot(lanes[192 + i], v[12], v[13])
+                        + _int8_pair_dot(lanes[224 + i], v[14], v[15])
+                        + _int8_pair_dot(lanes[256 + i], v[16], v[17])
+                        + _int8_pair_dot(lanes[288 + i], v[18], v[19])
+                        + _int8_pair_dot(lanes[320 + i], v[20], v[21])
+                        + _int8_pair_dot(lanes[352 + i], v[22], v[23])
+                        + _int8_pair_dot(lanes[384 + i], v[24], v[25])
+                        + _int8_pair_dot(lanes[416 + i], v[26], v[27])
+                        + _int8_pair_dot(lanes[448 + i], v[28], v[29])
+                        + _int8_pair_dot(lanes[480 + i], v[30], v[31])
+                    )
+                _add_scaled_block(acc, sums, d_part[t, b], x_scale[b])
+            _store_tile(out, first + t, acc)
 
 
 @jit(parallel=True)
-def _gemv_q8_0_avx2(qs, d, x, out):
+def _gemv_q8_0_avx2(qs, d, x, out, n_parts):
     n_tiles, n_blocks = qs.shape[0], qs.shape[1]
     xq, x_scale, _ = _quantized_activation(x)
-    for t in prange(n_tiles):
-        acc = np.zeros(32, np.float32)
+    for part in prange(n_parts):
+        acc = np.empty(32, np.float32)
         sums = np.empty(32, np.int32)
-        for b in range(n_blocks):
-            _prefetch_ahead(qs[t], d[t], b, 1024)
-            _q8_block_sums_avx2(qs[t, b], xq[b * 32 : b * 32 + 32], sums)
-            _add_scaled_block(acc, sums, d[t, b], x_scale[b])
-        _store_tile(out, t, acc)
+        first, stop = _thread_tiles(part, n_parts, n_tiles)
+        qs_part, d_part = qs[first:stop], d[first:stop]
+        for t in range(stop - first):
+            acc[:] = 0
+            for b in range(n_blocks):
+                _prefetch_ahead(qs_part[t], d_part[t], b, 1024)
+                _q8_block_sums_avx2(qs_part[t, b], xq[b * 32 : b * 32 + 32], sums)
+                _add_scaled_block(acc, sums, d_part[t, b], x_scale[b])
+            _store_tile(out, first + t, acc)
 
 
 @jit(parallel=True)
-def _gemv_f32(w, x, out):
-    """Row-wise dot products: f32 weights are 4 bytes each, so the FMA rate is never the limit."""
+def _gemv_f32(w, x, out, n_parts):
+    """Row-wise dot products: f32 weights are 4 bytes each, so the FMA rate is never the limit.
+    n_parts is not used: prange already hands each thread one contiguous run of rows, and a row
+    allocates nothing."""
     for r in prange(w.shape[0]):
         total = np.float32(0)
         for c in range(w.shape[1]):
@@ -679,8 +707,8 @@ def _gemv_f32(w, x, out):
 
 
 @jit(parallel=True)
-def _gemv_f16(w_bits, x, out):
-    """w_bits: the float16 weights viewed as uint16. vcvtph2ps + vfmadd per 8 weights."""
+def _gemv_f16(w_bits, x, out, n_parts):
+    """w_bits: the float16 weights viewed as uint16. vcvtph2ps + vfmadd per 8 weights. n_parts: as in _gemv_f32."""
     for r in prange(w_bits.shape[0]):
         total = np.float32(0)
         for c in range(w_bits.shape[1]):
@@ -695,33 +723,49 @@ def _gemv_f16(w_bits, x, out):
 def gemv(weights: Weights, x: np.ndarray, out: np.ndarray, portable: bool = False) -> np.ndarray:
     """out[:] = weights @ x (float32). q4_0/q8_0 weights multiply a q8_0-quantized x (llama.cpp
     style: integer dot products per block); `portable=True` skips the AVX2 path. Returns out."""
+    kernel, args = _kernel_and_args(weights, np.ascontiguousarray(x), out, portable)
+    kernel(*args, threads_in_use())
+    return out
+
+
+def bind_gemv(weights: Weights, x: np.ndarray, out: np.ndarray, portable: bool = False):
+    """gemv(weights, x, out) as a call without arguments, checked once, here: decode binds each matrix
+    to its session's buffers. A call goes straight to the compiled kernel. gemv()'s checks and
+    dispatch cost ~4 us a call, which the 3072x3072 q4_0 GEMV from DRAM on 2 threads felt as 3-4 points
+    of the streaming rate (83% -> 87%, A/B in one process): Python's objects are cold in the caches
+    after each 5 MB of weights streams through them."""
+    if not x.flags.c_contiguous:
+        raise ValueError("bind_gemv: x must be contiguous (a call reads it in place, every time)")
+    kernel, args = _kernel_and_args(weights, x, out, portable)
+    compiled = []
+
+    def call() -> None:
+        if not compiled:
+            compiled.append(kernel.compile())
+        compiled[0](*args, threads_in_use())
+
+    return call
+
+
+def _kernel_and_args(weights: Weights, x: np.ndarray, out: np.ndarray, portable: bool):
+    """The kernel for weights' format and path, and its arguments but the last, after checking shapes and
+    types. Every kernel's last argument is the number of threads, one contiguous run of tiles (or rows)
+    each (a Numba kernel that asks for it itself cannot be cached)."""
     rows, cols = weight_shape(weights)
     if x.shape != (cols,) or x.dtype != np.float32:
         raise ValueError(f"gemv: x must be float32 of shape ({cols},); got {x.dtype} {x.shape}")
     if out.shape != (rows,) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"gemv: out must be contiguous float32 of shape ({rows},); got {out.dtype} {out.shape}")
-    if isinstance(weights, (PackedQ4_0, PackedQ8_0)):
-        _check_cols(cols, "gemv")
-        _gemv_quantized(weights, np.ascontiguousarray(x), out, portable or not avx2_available())
-    elif weights.dtype == np.float16:
-        _gemv_f16(weights.view(np.uint16), np.ascontiguousarray(x), out)
-    elif weights.dtype == np.float32:
-        _gemv_f32(weights, np.ascontiguousarray(x), out)
-    else:
-        raise ValueError(f"gemv: unsupported weights {type(weights).__name__} {getattr(weights, 'dtype', '')}")
-    return out
-
-
-def _gemv_quantized(weights, x, out, portable: bool) -> None:
+    portable = portable or not avx2_available()
     if isinstance(weights, PackedQ4_0):
-        if portable:
-            _gemv_q4_0_portable(weights.qs.view(np.uint16), weights.d, x, out)
-        else:
-            _gemv_q4_0_avx2(weights.qs, weights.d, x, out)
-    elif portable:
-        _gemv_q8_0_portable(weights.qs.view(np.int16), weights.d, x, out)
-    else:
-        _gemv_q8_0_avx2(weights.qs, weights.d, x, out)
+        return (_gemv_q4_0_portable, (weights.qs.view(np.uint16), weights.d, x, out)) if portable else (_gemv_q4_0_avx2, (weights.qs, weights.d, x, out))
+    if isinstance(weights, PackedQ8_0):
+        return (_gemv_q8_0_portable, (weights.qs.view(np.int16), weights.d, x, out)) if portable else (_gemv_q8_0_avx2, (weights.qs, weights.d, x, out))
+    if weights.dtype == np.float16:
+        return _gemv_f16, (weights.view(np.uint16), x, out)
+    if weights.dtype == np.float32:
+        return _gemv_f32, (weights, x, out)
+    raise ValueError(f"gemv: unsupported weights {type(weights).__name__} {getattr(weights, 'dtype', '')}")
 
 
 def validate(rows: int = 100, cols: int = 256, seed: int = 0) -> None:
@@ -804,9 +848,11 @@ def benchmark_gemv(weights: Weights, n_threads: int, stream_data: np.ndarray, ro
     x, out = np.random.default_rng(1).standard_normal(cols).astype(np.float32), np.empty(rows, np.float32)
     set_threads(n_threads)
 
+    calls = [bind_gemv(matrix, x, out, portable) for matrix in copies]  # as decode calls them
+
     def sweep():
-        for matrix in copies:
-            gemv(matrix, x, out, portable)
+        for call in calls:
+            call()
 
     sweep_seconds, stream_seconds = paired_rounds(stream_data, sweep, rounds)
     seconds = sweep_seconds / len(copies)

@@ -131,16 +131,23 @@ def jit(parallel: bool = False, fastmath: bool = True):
     return wrap
 
 
+_THREADS = []  # what set_threads last set: numba.get_num_threads() costs ~2 us from Python, and a GEMV call asks
+
+
 def set_threads(n_threads: int) -> None:
+    """Numba's thread count for the parallel kernels; set it here, not with numba.set_num_threads."""
     import numba
 
     numba.set_num_threads(n_threads)
+    _THREADS[:] = [n_threads]
 
 
 def threads_in_use() -> int:
-    import numba
+    if not _THREADS:
+        import numba
 
-    return numba.get_num_threads()
+        _THREADS.append(numba.get_num_threads())
+    return _THREADS[0]
 
 
 def max_threads() -> int:

@@ -147,7 +147,7 @@ class KernelBench:
 
 
 def _gemv_bench(fmt: str) -> KernelBench:
-    from perfsim.kernels.gemv import gemv, random_f16, random_f32, random_q4_0, random_q8_0
+    from perfsim.kernels.gemv import bind_gemv, random_f16, random_f32, random_q4_0, random_q8_0
     from perfsim.quant import quant_format
 
     make = {"q4_0": random_q4_0, "q8_0": random_q8_0, "f16": random_f16, "f32": random_f32}[fmt]
@@ -157,13 +157,13 @@ def _gemv_bench(fmt: str) -> KernelBench:
     x = rng.standard_normal(cols).astype(np.float32)
 
     def bench(rows, copies=1):
-        matrices = [make(rows, cols, seed=i) for i in range(copies)]
         out = np.empty(rows, np.float32)
+        calls = [bind_gemv(make(rows, cols, seed=i), x, out) for i in range(copies)]  # as decode calls them
         state = {"i": 0}
 
         def call():
             state["i"] += 1
-            gemv(matrices[state["i"] % copies], x, out)
+            calls[state["i"] % copies]()
 
         return call
 

@@ -21,7 +21,7 @@ from perfsim.errors import UserError
 from perfsim.kernels.attention import KVCache, attention, kv_append, kv_cache_format, new_kv_cache
 from perfsim.kernels.embedding import embedding_row
 from perfsim.kernels.elementwise import argmax, residual_add, rmsnorm, rope_rotate, rope_tables, silu_mul
-from perfsim.kernels.gemv import gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0
+from perfsim.kernels.gemv import bind_gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0
 from perfsim.model import ModelSpec
 from perfsim.quant import F32, Formats, QuantFormat, quant_format
 from perfsim.workload import check_context, decode_ops
@@ -205,6 +205,14 @@ class Session:
         self.v = self.qkv[q_dim + kv_dim :].reshape(m.n_kv_heads, m.head_dim)
         self.qk = self.qkv[: q_dim + kv_dim].reshape(m.n_heads + m.n_kv_heads, m.head_dim)  # rotated in one call
         self.attn_heads = self.attn.reshape(m.n_heads, m.head_dim)
+        # Each GEMV bound to its input and output buffers once: a call then goes straight to its kernel.
+        w = self.weights
+        self.layer_gemvs = tuple(
+            (bind_gemv(layer.attn_qkv, self.xn, self.qkv), bind_gemv(layer.attn_output, self.attn, self.proj),
+             bind_gemv(layer.ffn_gate_up, self.xn, self.gate_up), bind_gemv(layer.ffn_down, self.act, self.proj))
+            for layer in w.layers
+        )
+        self.lm_head = bind_gemv(w.lm_head, self.xn, self.logits)
 
     def step(self, token: int) -> np.ndarray:
         """Decode one token at self.position; returns the logits (a buffer reused by the next step)."""
@@ -220,21 +228,21 @@ class Session:
         tick = marks.append
 
         w.token_embd.row(token, x); tick(clock())  # noqa: E702 (op and its mark on one line)
-        for i, layer in enumerate(w.layers):
+        for i, (layer, (qkv, output, gate_up, down)) in enumerate(zip(w.layers, self.layer_gemvs)):
             rmsnorm(x, layer.attn_norm, eps, xn); tick(clock())  # noqa: E702
-            gemv(layer.attn_qkv, xn, self.qkv); tick(clock())  # noqa: E702
+            qkv(); tick(clock())  # noqa: E702 (xn -> self.qkv)
             rope_rotate(self.qk, cos, sin); tick(clock())  # noqa: E702
             kv_append(self.cache, i, pos, self.k, self.v); tick(clock())  # noqa: E702
             attention(self.q, self.cache, i, pos + 1, self.attn_heads); tick(clock())  # noqa: E702
-            gemv(layer.attn_output, self.attn, self.proj); tick(clock())  # noqa: E702
+            output(); tick(clock())  # noqa: E702 (self.attn -> self.proj)
             residual_add(x, self.proj); tick(clock())  # noqa: E702
             rmsnorm(x, layer.ffn_norm, eps, xn); tick(clock())  # noqa: E702
-            gemv(layer.ffn_gate_up, xn, self.gate_up); tick(clock())  # noqa: E702
+            gate_up(); tick(clock())  # noqa: E702 (xn -> self.gate_up)
             silu_mul(self.gate_up, self.act); tick(clock())  # noqa: E702
-            gemv(layer.ffn_down, self.act, self.proj); tick(clock())  # noqa: E702
+            down(); tick(clock())  # noqa: E702 (self.act -> self.proj)
             residual_add(x, self.proj); tick(clock())  # noqa: E702
         rmsnorm(x, w.output_norm, eps, xn); tick(clock())  # noqa: E702
-        gemv(w.lm_head, xn, self.logits); tick(clock())  # noqa: E702
+        self.lm_head(); tick(clock())  # noqa: E702 (xn -> self.logits)
         self.next_token = int(argmax(self.logits)); tick(clock())  # noqa: E702
 
         self.marks = marks

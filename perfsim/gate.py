@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from perfsim.errors import UserError
+from perfsim.kernels.jit import max_threads, set_threads, threads_in_use
 
 BASELINE_FORMAT = "perfsim-gate-baseline"
 BASELINE_VERSION = 1
@@ -295,10 +296,11 @@ def _gemv_probe(host: Host, fixture, fmt: str, rows: int, cols: int, threads: in
         from perfsim.kernels import gemv as gemv_kernels
 
         copies, x, out, sweep_bytes = fixture()
+        calls = [gemv_kernels.bind_gemv(weights, x, out) for weights in copies]  # as decode calls them; looked up per sample, so a test can swap it
 
         def sweep():
-            for weights in copies:
-                gemv_kernels.gemv(weights, x, out)  # looked up on every call, so a test can swap it
+            for call in calls:
+                call()
 
         return paired_rounds(host, threads, sweep, sweep_bytes)
 
@@ -747,14 +749,12 @@ def settings() -> dict:
 
 
 def _numba_threads():
-    numba = sys.modules.get("numba")
-    return numba.get_num_threads() if numba is not None else None
+    return threads_in_use() if "numba" in sys.modules else None
 
 
 def _restore_threads(threads) -> None:
-    numba = sys.modules.get("numba")
-    if numba is not None:
-        numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
+    if "numba" in sys.modules:
+        set_threads(threads or max_threads())
 
 
 def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machine: bool = False) -> list[Row]:

@@ -322,17 +322,21 @@ def test_real_kernel_passes_against_a_baseline_made_in_this_session(kernel_basel
 def test_real_kernel_made_1_5x_slower_fails(kernel_baseline, tmp_path, monkeypatch):
     from perfsim.kernels import gemv as gemv_kernels
 
-    real = gemv_kernels.gemv
+    real = gemv_kernels.bind_gemv
 
-    def slowed(*args, **kwargs):  # the real call, then spin for half its time: 1.5x the time
-        start = time.perf_counter()
-        result = real(*args, **kwargs)
-        until = time.perf_counter() + 0.5 * (time.perf_counter() - start)
-        while time.perf_counter() < until:
-            pass
-        return result
+    def slowed(*args, **kwargs):  # each bound call runs the real one, then spins for half its time: 1.5x the time
+        call = real(*args, **kwargs)
 
-    monkeypatch.setattr(gemv_kernels, "gemv", slowed)
+        def slow_call():
+            start = time.perf_counter()
+            call()
+            until = time.perf_counter() + 0.5 * (time.perf_counter() - start)
+            while time.perf_counter() < until:
+                pass
+
+        return slow_call
+
+    monkeypatch.setattr(gemv_kernels, "bind_gemv", slowed)
     monkeypatch.setattr(gate, "RETRY_PAUSE_S", 0.0)
     report = tmp_path / "r.json"
     assert gate.run_gate(["kernels"], kernel_baseline, False, report, None, False, None, metrics=ONE_KERNEL) == 1

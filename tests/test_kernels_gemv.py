@@ -180,6 +180,45 @@ def test_gemv_rejects_bad_shapes():
         g.gemv(w, np.zeros(64, np.float32), np.empty(9, np.float32))
 
 
+@pytest.mark.parametrize("fmt, portable", [(f, p) for f in QUANTIZED for p in (False, True)] + [("f16", False), ("f32", False)])
+def test_every_thread_split_gives_the_reference(fmt, portable):
+    """The kernels split the tiles into one run per thread: 1, 2, 3 and 7 runs (more than the 4 tiles
+    of 100 rows) all cover every row once, with no run writing past the end."""
+    weights = RANDOM_WEIGHTS[fmt](100, 96, 3)
+    x = np.random.default_rng(4).standard_normal(96).astype(np.float32)
+    kernel, args = g._kernel_and_args(weights, x, np.empty(100, np.float32), portable)
+    expected, bound = g.gemv_reference(weights, x), g.gemv_tolerance(weights, x)
+    for n_parts in (1, 2, 3, 7):
+        buffer = np.full(108, 12345.0, np.float32)
+        kernel(*args[:-1], buffer[:100], n_parts)
+        assert np.all(np.abs(buffer[:100] - expected) <= bound), n_parts
+        assert np.all(buffer[100:] == 12345.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bound_gemv_reads_its_buffers_at_each_call(threads):
+    """bind_gemv: checked once, then each call computes from whatever x holds now, on the threads now set."""
+    from perfsim.kernels.jit import max_threads, set_threads
+
+    if threads > max_threads():
+        pytest.skip("one core")
+    w = g.random_q4_0(70, 128, 1)
+    x, out = np.zeros(128, np.float32), np.empty(70, np.float32)
+    call = g.bind_gemv(w, x, out)
+    set_threads(threads)
+    try:
+        for seed in (1, 2):
+            x[:] = np.random.default_rng(seed).standard_normal(128)
+            call()
+            np.testing.assert_array_equal(out, g.gemv(w, x, np.empty(70, np.float32)))
+    finally:
+        set_threads(max_threads())
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        g.bind_gemv(w, np.zeros(256, np.float32)[::2], out)
+    with pytest.raises(ValueError, match=r"out must be contiguous float32 of shape \(70,\)"):
+        g.bind_gemv(w, x, np.empty(71, np.float32))
+
+
 # --- random weights ---------------------------------------------------------------------------
 
 
@@ -214,9 +253,9 @@ def test_kernels_vectorize():
 
     q4 = g.random_q4_0(32, 64)
     x, out = np.ones(64, np.float32), np.empty(32, np.float32)
-    portable = assembly(g._gemv_q4_0_portable, q4.qs.view(np.uint16), q4.d, x, out)
+    portable = assembly(g._gemv_q4_0_portable, q4.qs.view(np.uint16), q4.d, x, out, 1)
     assert "vpmullw\t%ymm" in portable or "vpmullw\t(" in portable  # 16 int16 lanes per instruction
-    assert "vpmaddubsw" in assembly(g._gemv_q4_0_avx2, q4.qs, q4.d, x, out)
+    assert "vpmaddubsw" in assembly(g._gemv_q4_0_avx2, q4.qs, q4.d, x, out, 1)
 
 
 # --- the streaming-read kernel ----------------------------------------------------------------
