@@ -838,7 +838,7 @@ def dram_copies(weights: Weights, min_total_bytes: int = DRAM_SWEEP_BYTES) -> li
     return [weights] + [copy(weights) for _ in range(n_copies - 1)]
 
 
-def benchmark_gemv(weights: Weights, n_threads: int, stream_data: np.ndarray, rounds: int = 9, portable: bool = False) -> GemvTiming:
+def benchmark_gemv(weights: Weights, n_threads: int, stream_data: np.ndarray, rounds: int = 15, portable: bool = False) -> GemvTiming:
     """Time gemv() from DRAM in sweeps over dram_copies(weights), each right after a pass over stream_data."""
     from perfsim.kernels.stream import paired_rounds
 
