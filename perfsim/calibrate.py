@@ -34,7 +34,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 12  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 13  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -408,15 +408,16 @@ class DecodeShapedPoint:
     stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
 
 
-def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS) -> dict:
+def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS, probes: list | None = None) -> dict:
     """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
     the weights' model, per (KV format, embedding format) of `sessions` a session at each of DECODE_SHAPED_CONTEXTS, their steps
     taking turns (the host drifts by 30% within a minute). A serial kernel has one point per context (its
     ops pooled: both norms, both residual adds); a GEMV or attention one per op and context. The first
     layer's ops are left out: they follow the streaming pass run before each step, which in a 32-layer
-    model 1 layer in 32 does."""
+    model 1 layer in 32 does. Each step follows a streaming pass and a cold-call probe, as in measured
+    decode; the probes' times are appended to `probes`."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
-    from perfsim.measure import read_pass_gb_s
+    from perfsim.measure import cold_call_probe_us, read_pass_gb_s
     from perfsim.workload import ATTENTION, GEMV, decode_ops
 
     samples, costs, streamed, passes = {}, {}, {}, {}
@@ -446,6 +447,9 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
         for _ in range(DECODE_SHAPED_STEPS):
             for context, session, timed in by_context:
                 gb_s = read_pass_gb_s(threads)
+                probe_us = cold_call_probe_us()
+                if probes is not None:
+                    probes.append(probe_us)
                 session.step(session.next_token)
                 marks = session.marks
                 for key, indices in timed.items():
@@ -569,7 +573,7 @@ def measure_host(progress=None) -> dict:
     flush = stream_buffer(8 * 2**20)
     stream_read = lambda: sum_int64(flush)
     producer = Producer()
-    bandwidth_gb_s, kernel_roofs = {}, {b.kernel: {} for b in parallel + serial}
+    bandwidth_gb_s, cold_call_us, kernel_roofs = {}, {}, {b.kernel: {} for b in parallel + serial}
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
         bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
@@ -578,8 +582,10 @@ def measure_host(progress=None) -> dict:
         # thread) sets what they find in the caches: they are measured at each thread count too.
         report(done, total, f"ops in decode of 4-layer models, {threads} threads")
         set_threads(threads)
-        decode_calls = _decode_shaped_calls(decode_shaped, threads)
-        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS)
+        probes = []
+        decode_calls = _decode_shaped_calls(decode_shaped, threads, probes=probes)
+        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS, probes)
+        cold_call_us[threads] = _sig(statistics.median(probes))
         decode_calls.update({kernel: points for kernel, points in gqa_calls.items() if kernel.endswith(".gqa")})
         done += 1
         for bench in parallel:
@@ -619,6 +625,7 @@ def measure_host(progress=None) -> dict:
                 "compute_efficiency": 1.0,
                 "bandwidth_efficiency": 1.0,
                 "bandwidth_gb_s_by_threads": bandwidth_gb_s,
+                "cold_call_us_by_threads": cold_call_us,
                 "overhead_us_per_op": kernel_roofs["residual_add"][1]["overhead_us"],
                 "kernel_roofs": kernel_roofs,
             }
@@ -631,6 +638,7 @@ def measure_host(progress=None) -> dict:
             "units.cpu.compute_efficiency": "1: the peaks above are achieved, not vendor, figures",
             "units.cpu.bandwidth_efficiency": "1: the bandwidths are measured",
             "units.cpu.bandwidth_gb_s_by_threads": f"{how}: streaming read of 256 MiB, best of 9",
+            "units.cpu.cold_call_us_by_threads": f"{how}: perfsim.measure.cold_call_probe_us after each decode step's streaming pass, median",
             "units.cpu.overhead_us_per_op": f"{how}: one call of a tiny serial kernel",
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },

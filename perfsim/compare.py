@@ -1,8 +1,10 @@
 """Predicted vs measured on the host, op by op, with signed errors.
 
 The prediction is made at the very contexts the measured steps ran at and averaged like them, from
-the calibrated host profile (microbenchmarks only). Errors are signed: (predicted - measured) /
-measured, so +5% tokens/s means the model promised 5% more speed than the host delivered.
+the calibrated host profile (microbenchmarks only), with its memory roof and its fixed costs as the
+microbenchmarks run beside the decode found the host (with_same_run_host). Errors are signed:
+(predicted - measured) / measured, so +5% tokens/s means the model promised 5% more speed than the
+host delivered.
 """
 
 from __future__ import annotations
@@ -84,19 +86,30 @@ class Comparison:
         return out
 
 
-def with_same_run_bandwidth(device: Device, threads: int, stream_gb_s: float) -> Device:
-    """The calibrated host with its memory roof at `threads` replaced by the one measured beside the
-    decode (a streaming-read microbenchmark, not the decode): the DRAM of a shared host drifts."""
+def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0) -> Device:
+    """The calibrated host as measured beside the decode, by microbenchmarks, not the decode: the DRAM
+    and the CPU of a shared host drift. Its memory roof at `threads` becomes the streaming read of the
+    same run; when both the run and the profile have a cold-call probe (perfsim.measure.cold_call_probe_us),
+    every fixed cost per call at `threads` is scaled by the ratio of the two probes."""
     unit = device.unit()
-    table = {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s}
-    unit = dataclasses.replace(unit, bandwidth_gb_s_by_threads=table)
+    changes = {"bandwidth_gb_s_by_threads": {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s}}
+    calibrated_probe_us = unit.cold_call_us_by_threads.get(threads, 0.0)
+    if cold_call_us > 0 and calibrated_probe_us > 0:
+        factor = cold_call_us / calibrated_probe_us
+        changes["kernel_roofs"] = {
+            kernel: {t: dataclasses.replace(r, overhead_us=r.overhead_us * factor, overhead_us_per_streamed_mb=r.overhead_us_per_streamed_mb * factor)
+                        if t == threads else r for t, r in roofs.items()}
+            for kernel, roofs in unit.kernel_roofs.items()
+        }
+        changes["overhead_us_per_op"] = unit.overhead_us_per_op * factor
+    unit = dataclasses.replace(unit, **changes)
     return dataclasses.replace(device, units={**device.units, unit.name: unit})
 
 
-def compare(device: Device, measurement: Measurement, same_run_bandwidth: bool = True) -> Comparison:
+def compare(device: Device, measurement: Measurement, same_run_host: bool = True) -> Comparison:
     m = measurement
-    if same_run_bandwidth and m.stream_gb_s > 0:
-        device = with_same_run_bandwidth(device, m.threads, m.stream_gb_s)
+    if same_run_host and m.stream_gb_s > 0:
+        device = with_same_run_host(device, m.threads, m.stream_gb_s, m.cold_call_us)
     predictions = tuple(predict(m.model, m.formats, device, context, prompt_tokens=1, threads=m.threads) for context in m.contexts)
     return Comparison(device, m, predictions)
 

@@ -38,6 +38,8 @@ class ComputeUnit:
     single_thread_bandwidth_gb_s: float = 0.0  # CPU only: what one core streams by itself
     bandwidth_gb_s_by_threads: dict = field(default_factory=dict)  # measured read bandwidth, if any
     kernel_roofs: dict = field(default_factory=dict)  # measured, per kernel and thread count: KernelRoof
+    # calibrated hosts: perfsim.measure.cold_call_probe_us beside the calibration's decode steps, per thread count
+    cold_call_us_by_threads: dict = field(default_factory=dict)
 
     def peak_flops(self, precision: str) -> float:
         listed = next(p for p in _PRECISION_FALLBACK[precision] if p in self.peak_tflops)  # the loader ensures one
@@ -96,6 +98,19 @@ class Device:
         return self.units[name]
 
 
+def _numbers_by_threads(f: Fields, key: str) -> dict:
+    """{thread count: positive number} under `key`, if present."""
+    fields = f.mapping(key, required=False)
+    numbers = {}
+    if fields is not None:
+        for threads in list(fields.data):
+            if not isinstance(threads, int) or threads < 1:
+                fields.fail(str(threads), "expected a thread count (a whole number >= 1) as the key")
+            numbers[threads] = fields.number(threads, exclusive_minimum=0)
+        fields.done()
+    return numbers
+
+
 def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
     unit_type = f.text("type", choices=UNIT_TYPES)
     peaks = f.mapping("peak_tflops")
@@ -105,14 +120,8 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
     if not peak_tflops:
         peaks.fail("", f"expected at least one of {', '.join(MATH_PRECISIONS)}")
     is_cpu = unit_type == "cpu"
-    by_threads_fields = f.mapping("bandwidth_gb_s_by_threads", required=False)
-    by_threads = {}
-    if by_threads_fields is not None:
-        for key in list(by_threads_fields.data):
-            if not isinstance(key, int) or key < 1:
-                by_threads_fields.fail(str(key), "expected a thread count (a whole number >= 1) as the key")
-            by_threads[key] = by_threads_fields.number(key, exclusive_minimum=0)
-        by_threads_fields.done()
+    by_threads = _numbers_by_threads(f, "bandwidth_gb_s_by_threads")
+    cold_call_us_by_threads = _numbers_by_threads(f, "cold_call_us_by_threads")
     kernel_roofs = {}
     kernels_fields = f.mapping("kernel_roofs", required=False)
     if kernels_fields is not None:
@@ -141,6 +150,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
         single_thread_bandwidth_gb_s=f.number("single_thread_bandwidth_gb_s", exclusive_minimum=0, required=is_cpu and not by_threads, default=0.0),
         bandwidth_gb_s_by_threads=by_threads,
         kernel_roofs=kernel_roofs,
+        cold_call_us_by_threads=cold_call_us_by_threads,
     )
     f.done()
     return unit

@@ -432,7 +432,7 @@ def _host_accuracy_probe(host: Host, context: int) -> Probe:
         whole = _measurement(engine, threads, rounds.used, context)
         return rounds.sample(error, measured_tokens_per_s=whole.decode_tokens_per_s,
                              profile_bandwidth_gb_s=profile.unit().bandwidth_gb_s_by_threads.get(threads),
-                             error_with_profile_bandwidth=compare(profile, whole, same_run_bandwidth=False).tokens_per_s_error)
+                             error_with_profile_bandwidth=compare(profile, whole, same_run_host=False).tokens_per_s_error)
 
     return Probe(f"accuracy.host.ctx{context}.{thread_tag(threads, host)}",
                  f"signed error (predicted - measured) / measured of decode tokens/s on this host (perfsim.compare, with the "

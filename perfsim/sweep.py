@@ -62,6 +62,8 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "ops": [{k: row[k] for k in ("name", "predicted_s", "measured_s", "error")} for row in comparison.op_rows()],
                 "step_seconds": list(measurement.step_seconds),
                 "step_stream_gb_s": list(measurement.step_stream_gb_s),
+                "step_cold_call_us": list(measurement.step_cold_call_us),
+                "calibrated_cold_call_us": device.unit().cold_call_us_by_threads.get(t),
                 "seconds": time.perf_counter() - start,
             }
             if out:

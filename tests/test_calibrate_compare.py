@@ -109,12 +109,40 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     # a slower measurement makes the (same) prediction look more optimistic
     slower = dataclasses.replace(measurement, step_seconds=tuple(2 * s for s in measurement.step_seconds))
     assert compare(device, slower).tokens_per_s_error == pytest.approx(2 * (1 + expected) - 1)
+    # so does a cold-call probe; this profile has none to scale by
+    assert len(measurement.step_cold_call_us) == 4 and measurement.cold_call_us == statistics.median(measurement.step_cold_call_us) > 0
     groups = coarse_groups(c)
     assert set(groups) == {"gemv", "attention", "rest"}
     record = json.loads(json.dumps(comparison_record(c)))
     assert {"predicted", "measured", "error"} <= set(record)
     assert record["error"]["decode_tokens_per_s"] == pytest.approx(expected)
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
+
+
+def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
+    """with_same_run_host: a run whose cold-call probe took 1.5x the calibration's gets every fixed cost at
+    its thread count 1.5x (kernel overheads, their per-streamed-MB term, the default per op), nothing else."""
+    from perfsim.compare import with_same_run_host
+    from perfsim.device import device_from_data
+
+    data = fake_profile()
+    unit = data["units"]["cpu"]
+    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_streamed_mb": 0.04} for t in unit["kernel_roofs"]["gemv.q4_0"]}
+    unit["cold_call_us_by_threads"] = {1: 20.0}
+    device = device_from_data(data, "fake.yaml")
+    run = with_same_run_host(device, 1, stream_gb_s=11.0, cold_call_us=30.0).unit()
+    assert run.bandwidth_gb_s_by_threads[1] == 11.0 and run.overhead_us_per_op == pytest.approx(1.5)
+    assert run.kernel_roofs["rmsnorm"][1].overhead_us == pytest.approx(9.0)
+    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_streamed_mb == pytest.approx(0.06)
+    assert run.kernel_roofs["gemv.q4_0"][1].overhead_us == pytest.approx(6.0)
+    assert run.kernel_roofs["gemv.q4_0"][1].gflops == 50.0 and run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5
+    for t in set(run.kernel_roofs["gemv.q4_0"]) - {1}:  # other thread counts are not this run's
+        assert run.kernel_roofs["gemv.q4_0"][t].overhead_us == 4.0
+    # no probe in the profile (or none in the run): only the memory roof is the run's
+    del data["units"]["cpu"]["cold_call_us_by_threads"]
+    plain = with_same_run_host(device_from_data(data, "fake.yaml"), 1, stream_gb_s=11.0, cold_call_us=30.0).unit()
+    assert plain.overhead_us_per_op == 1.0 and plain.kernel_roofs["rmsnorm"][1].overhead_us == 6.0
+    assert with_same_run_host(device, 1, 11.0).unit().kernel_roofs["rmsnorm"][1].overhead_us == 6.0
 
 
 @pytest.mark.slow
@@ -128,6 +156,7 @@ def test_real_calibration_writes_a_valid_profile_in_under_a_minute(tmp_path):
     assert all(1 < bw < 1000 for bw in unit.bandwidth_gb_s_by_threads.values())
     for kernel in ("gemv.q4_0", "gemv.f16", "attention.f16", "rmsnorm", "kv_append.f16", "embedding.q4_0"):
         assert set(unit.kernel_roofs[kernel]) == set(unit.bandwidth_gb_s_by_threads)
+    assert set(unit.cold_call_us_by_threads) == set(unit.bandwidth_gb_s_by_threads)
     assert device.calibration["cpu_model"] == calibrate.cpu_model()
     assert device.calibration["seconds"] < 90  # "under a minute" on a quiet machine; CI shares the box
 
@@ -200,7 +229,9 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
     monkeypatch.setattr(calibrate, "DECODE_SHAPED_CONTEXTS", (8, 40))
     monkeypatch.setattr(calibrate, "DECODE_SHAPED_STEPS", 2)
     set_threads(1)
-    calls = calibrate._decode_shaped_calls(calibrate._decode_shaped_weights(TINY), 1)
+    probes = []
+    calls = calibrate._decode_shaped_calls(calibrate._decode_shaped_weights(TINY), 1, probes=probes)
+    assert len(probes) == 4 * 2 * 2 and all(p > 0 for p in probes)  # a cold-call probe before each step: 4 sessions x 2 contexts x 2 steps
     kernels = {"rmsnorm", "rope", "residual_add", "silu_mul", "argmax", "gemv.q4_0"} | {f"kv_append.{f}" for f in ("f16", "q8_0", "f32")}
     attention = {f"attention.{f}.gqa" for f in ("f16", "q8_0", "f32")}  # TINY has 4 heads over 2 kv heads
     assert set(calls) == kernels | attention | {f"embedding.{f}" for f in ("q4_0", "q8_0", "f16", "f32")}
