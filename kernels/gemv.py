@@ -505,8 +505,8 @@ def avx2_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Kernels. The quantized ones split the row tiles into one contiguous run per thread, and each
 # thread allocates its scratch once: with `prange` over the tiles, two small arrays per tile cost
-# 3-4 points of the streaming rate at 3072x3072 from DRAM on 2 threads (83% -> 87-90%, A/B in one
-# process, 9 rounds each; no difference in cache).
+# ~3 points of the streaming rate at 3072x3072 from DRAM on 2 threads (87% -> 90%, both called
+# directly, A/B in one process, 9 x 5 rounds; no difference in cache).
 
 
 # Every index below is a loop counter from 0, on a (tile, block) view (a thread's run of tiles is a
