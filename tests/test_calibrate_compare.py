@@ -219,6 +219,8 @@ def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode
     roof = calibrate._roof_from_decode(40.0, points, parallel=True)  # memory at each point's own passes
     assert roof["overlap"] == pytest.approx(0.25, abs=1e-4) and roof["overhead_us"] == pytest.approx(30.0, rel=1e-3)
     assert "overhead_us_per_streamed_mb" not in roof
+    # the in-cache roof is floored at what decode achieved, the fastest call: 4 MFLOP in 155 us, 25.8 GFLOP/s
+    assert roof["gflops"] == 40.0 and calibrate._roof_from_decode(10.0, points, parallel=True)["gflops"] == pytest.approx(4e6 / 155e-6 / 1e9, rel=1e-3)
 
 
 def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monkeypatch):
