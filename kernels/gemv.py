@@ -737,12 +737,9 @@ def bind_gemv(weights: Weights, x: np.ndarray, out: np.ndarray, portable: bool =
     if not x.flags.c_contiguous:
         raise ValueError("bind_gemv: x must be contiguous (a call reads it in place, every time)")
     kernel, args = _kernel_and_args(weights, x, out, portable)
-    compiled = []
 
     def call() -> None:
-        if not compiled:
-            compiled.append(kernel.compile())
-        compiled[0](*args, threads_in_use())
+        kernel.compile()(*args, threads_in_use())  # compiles (or loads) on the first call only
 
     return call
 

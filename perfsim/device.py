@@ -98,16 +98,21 @@ class Device:
         return self.units[name]
 
 
+def _thread_counts(fields: Fields) -> list:
+    """The keys of a mapping by thread count, each checked to be one."""
+    for threads in fields.data:
+        if not isinstance(threads, int) or threads < 1:
+            fields.fail(str(threads), "expected a thread count (a whole number >= 1) as the key")
+    return list(fields.data)
+
+
 def _numbers_by_threads(f: Fields, key: str) -> dict:
     """{thread count: positive number} under `key`, if present."""
     fields = f.mapping(key, required=False)
-    numbers = {}
-    if fields is not None:
-        for threads in list(fields.data):
-            if not isinstance(threads, int) or threads < 1:
-                fields.fail(str(threads), "expected a thread count (a whole number >= 1) as the key")
-            numbers[threads] = fields.number(threads, exclusive_minimum=0)
-        fields.done()
+    if fields is None:
+        return {}
+    numbers = {threads: fields.number(threads, exclusive_minimum=0) for threads in _thread_counts(fields)}
+    fields.done()
     return numbers
 
 
@@ -128,9 +133,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
         for kernel in list(kernels_fields.data):
             per_threads = kernels_fields.mapping(kernel)
             roofs = {}
-            for key in list(per_threads.data):
-                if not isinstance(key, int) or key < 1:
-                    per_threads.fail(str(key), "expected a thread count (a whole number >= 1) as the key")
+            for key in _thread_counts(per_threads):
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
