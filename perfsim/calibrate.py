@@ -7,10 +7,10 @@ What is measured, at each thread count, and never the end-to-end decode it is la
     streaming pass then a sweep over operands 3x the L3), at shapes no Phi-3 model has (4096-wide
     matrices, 16 heads of 128). For the kernels Phi-3 decode spends its time in by default (q4_0 GEMVs,
     attention, the serial ops: norms, RoPE, kv_append, ...), the fixed cost and the overlap are fitted
-    instead on their calls in the engine's decode of 4-layer models of another shape, at two contexts
-    (DECODE_SHAPED_MODEL, and DECODE_SHAPED_GQA_MODEL for grouped-query attention): what those ops cost depends on what runs between them, and
-    stand-ins for that (a producer stream, sweeps in a loop of their own) missed by up to 2x, or swung
-    from one calibration to the next. The other formats' kernels keep the microbenchmark fits (a tiny
+    instead on their calls in the engine's decode of two 4-layer models of other shapes, at two contexts
+    (DECODE_SHAPED_MODEL, and the larger DECODE_SHAPED_GQA_MODEL with grouped-query attention): what
+    those ops cost depends on what runs between them, and stand-ins for that (a producer stream, sweeps
+    in a loop of their own) missed by up to 2x, or swung from one calibration to the next. The other formats' kernels keep the microbenchmark fits (a tiny
     problem after a streaming read; attention on cold K/V rows; sweeps over operands 3x the L3).
 The profile has the schema of devices/*.yaml (plus `kernel_roofs` and `calibration`) and is written
 to a temporary file then renamed, so an interrupted run never leaves a half-written profile.
@@ -34,7 +34,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 14  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 15  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -51,21 +51,24 @@ OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is
 # A serial op costs decode mostly its call path (Python, Numba's dispatch) run cold after a GEMV has
 # streamed through the caches, plus a few cache misses. Timed after a synthetic producer instead
 # (calibration v6), those fixed costs came out 0.6x to 2x what Phi-3 decode measured, from one
-# calibration to the next. (A line through two such models, the second with hidden 4608, put all of the
-# difference on the op's size: it over-predicted phi-3-small's small ops by 20-50%. The larger model's
-# GEMVs leave colder caches too: the fixed cost is a line in the bytes a layer streams instead.)
+# calibration to the next.
 DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20, n_kv_heads=20,
                                 intermediate_size=6912, vocab_size=4096, max_context=4096)
-# The same with 4 kv heads (grouped-query attention, 5 query heads each): the fixed cost and overlap of
-# attention.f16.gqa come from its decode at the same contexts, one session (f16 K/V, q4_0 embedding).
-DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20,
-                                    n_kv_heads=4, intermediate_size=6912, vocab_size=4096, max_context=4096)
+# A larger one with grouped-query attention (6 kv heads of 5 query heads each, hidden 3840, MLP 10240: 86
+# MB of q4_0 weights a layer), one session (f16 K/V, q4_0 embedding). Its attention.f16.gqa calls give
+# that kernel's fixed cost and overlap, and its serial ops a second operand size and a second weight
+# size for theirs: across models, a serial op's cost grows with its own operands more than its in-cache
+# roof says (they are cold in decode), and with what a layer streams (measured in 4-layer models of five
+# shapes, normalized by their cold-call probes: a line in the streamed bytes alone, or in the K/V bytes
+# alone, missed phi-3-small's serial ops by +10-40% or -15-35%).
+DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=30,
+                                    n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
-DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer streams 45 MB of weights and 1.3 or 41 MB of f16 K/V: serial ops are a line in those bytes
+DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer of the first model streams 45 MB of weights and 1.3 or 41 MB of f16 K/V
 DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
 # (KV cache format, embedding table format) of each session: every format of both gets timed
 DECODE_SHAPED_SESSIONS = (("f16", "q4_0"), ("q8_0", "q8_0"), ("f32", "f16"), ("f16", "f32"))
-DECODE_SHAPED_GQA_SESSIONS = (("f16", "q4_0"),)  # only its .gqa attention kernel is taken from it
+DECODE_SHAPED_GQA_SESSIONS = (("f16", "q4_0"),)  # its .gqa attention kernel, its q4_0 GEMVs and its serial ops are taken from it
 # op name in the engine -> the kernel whose fixed cost it calibrates ({name}: the workload's kernel for that op)
 DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
@@ -406,6 +409,7 @@ class DecodeShapedPoint:
     cost: object  # Cost of one call
     streamed_bytes: int  # bytes a layer streams between two calls of a serial op (Op.layer_streamed_bytes)
     stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
+    cold_call_us: float = 0.0  # median of the cold-call probes run before the steps (0: none)
 
 
 def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS, probes: list | None = None) -> dict:
@@ -420,7 +424,7 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
     from perfsim.measure import cold_call_probe_us, read_pass_gb_s
     from perfsim.workload import ATTENTION, GEMV, decode_ops
 
-    samples, costs, streamed, passes = {}, {}, {}, {}
+    samples, costs, streamed, passes, cold_calls = {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     for kv_format, embedding_format in sessions:
         engine = Engine(weights_by_embedding[embedding_format], kv_format)
@@ -455,11 +459,12 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
                 for key, indices in timed.items():
                     samples.setdefault((key, context), []).append(statistics.fmean(marks[i + 1] - marks[i] for i in indices))
                     passes.setdefault((key, context), []).append(gb_s)
+                    cold_calls.setdefault((key, context), []).append(probe_us)
     points = {}
     for key, context in samples:
         points.setdefault(key[0], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(streamed[key, context])),
-            statistics.median(passes[key, context])))
+            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context])))
     return points
 
 
@@ -481,23 +486,67 @@ def _compute_roof_gflops(bench: KernelBench, serial_times: dict | None) -> float
     return 0.75 * bench.in_cache_flops / max(in_cache_s - quarter_s, 0.05 * in_cache_s) / 1e9
 
 
-def _roof_from_decode(gflops: float, points: list, parallel: bool) -> dict:
+def _nonnegative_line(rows: list, ys: list) -> tuple:
+    """(intercept, slopes): the least-squares line through (rows[i], ys[i]) with no negative slope. A
+    column whose values hardly vary (under 10%) gets slope 0; when a free fit gives a negative slope, the
+    best fit over the columns left is taken (noise made a longer context look faster now and then)."""
+    from itertools import combinations
+
+    columns = np.asarray(rows, dtype=float).reshape(len(ys), -1)
+    y = np.asarray(ys, dtype=float)
+    varying = [j for j in range(columns.shape[1]) if columns[:, j].max() > 1.1 * max(columns[:, j].min(), 0.0) and columns[:, j].max() > 0]
+    best = (float(np.mean(y)), np.zeros(columns.shape[1]), float(np.sum((y - np.mean(y)) ** 2)))
+    for k in range(1, len(varying) + 1):
+        for subset in combinations(varying, k):
+            design = np.column_stack([np.ones(len(y)), columns[:, subset]])
+            if np.linalg.matrix_rank(design) < design.shape[1]:
+                continue
+            coef = np.linalg.lstsq(design, y, rcond=None)[0]
+            if (coef[1:] < 0).any():
+                continue
+            residual = float(np.sum((design @ coef - y) ** 2))
+            if residual < best[2] - 1e-30:
+                slopes = np.zeros(columns.shape[1])
+                slopes[list(subset)] = coef[1:]
+                best = (float(coef[0]), slopes, residual)
+    return best[0], best[1]
+
+
+def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0) -> dict:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
-    Serial kernels: the call beyond its roof, a line in the bytes a layer streams, through the two contexts
-    (measured: Phi-3 Mini's norms 6-7 us a call at contexts 128-1024, 10-11 us at 2048-4096, one thread);
-    no overlap (a few KB).
+    Serial kernels: the call beyond its roof, fitted as a line in the bytes of its own operands and in
+    the bytes a layer streams, through the points of both decode-shaped models (each at two contexts);
+    each point's time beyond the roof is first scaled to the calibration's cold-call probe (`cold_call_us`)
+    from its own steps' probes, as compare scales the profile to a run's: the models' steps run a few
+    seconds apart, and the host's cold-call cost drifts by 2x within minutes (its spread over repeated
+    points: 22% raw, 8% so scaled). No overlap (a few KB).
     GEMVs and attention: time - max(compute, memory) = overhead + overlap * min(compute, memory), the
     least-squares line through the points (each op at each context), memory at their own streaming
     passes. Fitted on sweeps in a loop of their own, attention under-predicted decode's by 11-19% on one
     thread, in this 4-layer model as in Phi-3 Mini, and the q4_0 GEMVs' overlap came out 0.03-0.35
     from one calibration to the next."""
     if not parallel:
-        short, long = sorted(points, key=lambda p: p.streamed_bytes)
-        roof_s = max(short.cost.flops / (gflops * 1e9), short.cost.bytes / (short.stream_gb_s * 1e9))
-        per_byte_s = max((long.seconds - short.seconds) / (long.streamed_bytes - short.streamed_bytes), 0.0)
-        overhead_s = max(short.seconds - roof_s - per_byte_s * short.streamed_bytes, 0.0)
-        return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(overhead_s * 1e6), "overhead_us_per_streamed_mb": _sig(per_byte_s * 1e12)}
+        rows, excess = [], []
+        for p in points:
+            roof_s = max(p.cost.flops / (gflops * 1e9), p.cost.bytes / (p.stream_gb_s * 1e9))
+            scale = cold_call_us / p.cold_call_us if cold_call_us > 0 and p.cold_call_us > 0 else 1.0
+            rows.append((p.cost.bytes, p.streamed_bytes))
+            excess.append((p.seconds - roof_s) * scale)
+        overhead_s, (per_op_byte_s, per_streamed_byte_s) = _nonnegative_line(rows, excess)
+        return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
+                "overhead_us_per_streamed_mb": _sig(per_streamed_byte_s * 1e12), "overhead_us_per_kb": _sig(per_op_byte_s * 1e9)}
+    # A kernel whose every call in decode is compute-bound by its in-cache roof (grouped-query attention:
+    # each K/V row serves 5 query heads) computes in decode at the rate its calls show there: seconds
+    # against FLOPs over the contexts, a line whose slope is the roof and whose intercept the fixed cost;
+    # its memory traffic hides. Its in-cache roof ran ahead of decode (1 thread: 48-51 GFLOP/s, against
+    # 33-37 in phi-3-small's decode); the fit then read the gap as overlap (0.97-1.0) and charged it to
+    # the memory time, which phi-3-small's groups of 4 have more of per FLOP: +16% to +27%.
+    flops = [p.cost.flops for p in points]
+    if max(flops) > 1.1 * min(flops) and all(p.cost.flops / (gflops * 1e9) > p.cost.bytes / (p.stream_gb_s * 1e9) for p in points):
+        per_flop_s, overhead_s = np.polyfit(flops, [p.seconds for p in points], 1)
+        if per_flop_s > 0:
+            return {"gflops": _sig(1e-9 / per_flop_s), "overlap": 0.0, "overhead_us": _sig(max(float(overhead_s), 0.0) * 1e6)}
     # A kernel computes at least as fast as it did in decode, so FLOPs over seconds of any of its calls
     # there is a floor under its compute roof. The in-cache slope fell below it now and then on 2 threads
     # (grouped-query attention: 39.7 GFLOP/s in one calibration, 48-56 in two others; the fit then clamped
@@ -515,10 +564,10 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool) -> dict:
 
 
 def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None,
-                 decode_points: list | None = None) -> dict:
+                 decode_points: list | None = None, cold_call_us: float = 0.0) -> dict:
     gflops = _compute_roof_gflops(bench, serial_times)
     if decode_points:
-        return _roof_from_decode(gflops, decode_points, bench.parallel)
+        return _roof_from_decode(gflops, decode_points, bench.parallel, cold_call_us)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -591,7 +640,8 @@ def measure_host(progress=None) -> dict:
         decode_calls = _decode_shaped_calls(decode_shaped, threads, probes=probes)
         gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS, probes)
         cold_call_us[threads] = _sig(statistics.median(probes))
-        decode_calls.update({kernel: points for kernel, points in gqa_calls.items() if kernel.endswith(".gqa")})
+        for kernel, points in gqa_calls.items():  # the q4_0 GEMVs and the serial ops have points from both
+            decode_calls.setdefault(kernel, []).extend(points)
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
@@ -601,7 +651,8 @@ def measure_host(progress=None) -> dict:
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)
         for bench in serial:
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times, decode_calls[bench.kernel])
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, serial_times, decode_calls[bench.kernel],
+                                                               cold_call_us[threads])
         done += len(serial)
     del data
     report(total, total, "done")

@@ -56,6 +56,9 @@ class KernelRoof:
     # Serial kernels: the fixed cost grows with what a layer streams through the caches between two calls
     # (weights and K/V, decimal MB): the op finds its call path colder in a larger model, at a longer context.
     overhead_us_per_streamed_mb: float = 0.0
+    # Serial kernels: and with the op's own operands (decimal KB), beyond its in-cache roof: in decode a
+    # parallel GEMV wrote them on other cores, or they were last read a token ago.
+    overhead_us_per_kb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
-                                        roof.number("overhead_us_per_streamed_mb", minimum=0, required=False, default=0.0))
+                                        roof.number("overhead_us_per_streamed_mb", minimum=0, required=False, default=0.0),
+                                        roof.number("overhead_us_per_kb", minimum=0, required=False, default=0.0))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from perfsim.device import ComputeUnit, Device, KernelRoof
+from perfsim.device import ComputeUnit, Device
 
 
 def carry_over(target: Device, unit_name: str | None, host: Device) -> Device | None:
@@ -26,8 +26,7 @@ def carry_over(target: Device, unit_name: str | None, host: Device) -> Device | 
         host_roof = by_threads.get(host_threads) or next(iter(by_threads.values()))
         precision = "int8" if kernel.startswith("gemv.q") else "f16" if kernel == "gemv.f16" else "f32"
         kernel_roofs[kernel] = {
-            threads: KernelRoof(unit.peak_flops(precision) * unit.compute_efficiency * threads / unit.cores / 1e9,
-                                host_roof.overlap, host_roof.overhead_us, host_roof.overhead_us_per_streamed_mb)
+            threads: dataclasses.replace(host_roof, gflops=unit.peak_flops(precision) * unit.compute_efficiency * threads / unit.cores / 1e9)
             for threads in range(1, unit.cores + 1)
         }
     projected: ComputeUnit = dataclasses.replace(unit, kernel_roofs=kernel_roofs)

@@ -121,19 +121,21 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
 
 def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     """with_same_run_host: a run whose cold-call probe took 1.5x the calibration's gets every fixed cost at
-    its thread count 1.5x (kernel overheads, their per-streamed-MB term, the default per op), nothing else."""
+    its thread count 1.5x (kernel overheads, their per-streamed-MB and per-KB terms, the default per op), nothing else."""
     from perfsim.compare import with_same_run_host
     from perfsim.device import device_from_data
 
     data = fake_profile()
     unit = data["units"]["cpu"]
-    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_streamed_mb": 0.04} for t in unit["kernel_roofs"]["gemv.q4_0"]}
+    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_streamed_mb": 0.04, "overhead_us_per_kb": 0.02}
+                                     for t in unit["kernel_roofs"]["gemv.q4_0"]}
     unit["cold_call_us_by_threads"] = {1: 20.0}
     device = device_from_data(data, "fake.yaml")
     run = with_same_run_host(device, 1, stream_gb_s=11.0, cold_call_us=30.0).unit()
     assert run.bandwidth_gb_s_by_threads[1] == 11.0 and run.overhead_us_per_op == pytest.approx(1.5)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us == pytest.approx(9.0)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_streamed_mb == pytest.approx(0.06)
+    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_kb == pytest.approx(0.03)
     assert run.kernel_roofs["gemv.q4_0"][1].overhead_us == pytest.approx(6.0)
     assert run.kernel_roofs["gemv.q4_0"][1].gflops == 50.0 and run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5
     for t in set(run.kernel_roofs["gemv.q4_0"]) - {1}:  # other thread counts are not this run's
@@ -207,6 +209,47 @@ def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_lin
     assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long)["overhead_us_per_streamed_mb"] == 0
 
 
+def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_its_operands_and_the_layers_stream_over_both_models():
+    """Hand arithmetic: a call costs its roof + 3 us + 0.05 us per KB of its operands + 0.04 us per MB a
+    layer streams, on a host whose cold-call probe reads 20 us. The first model's two contexts (36 KB of
+    operands; 46 and 86 MB streamed) ran at that probe; the second model's (54 KB; 87 and 99 MB) while the
+    host's cold calls took twice as long (probe 40 us), so everything beyond the roof doubled there. The
+    fit scales each point to the calibration's probe and gives the three terms back."""
+    from perfsim.cost import Cost
+
+    flops_per_s = 0.75 * 3e5 / 3e-6
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, 3e5, quarter)
+    times = {id(in_cache): 7e-6, id(quarter): 4e-6}
+
+    def point(op_bytes, streamed, probe_us):
+        cost = Cost(flops=op_bytes / 3, act_bytes=op_bytes)
+        roof_s = max(cost.flops / flops_per_s, op_bytes / 18e9)
+        beyond_s = (3e-6 + 0.05e-6 * op_bytes / 1e3 + 0.04e-6 * streamed / 1e6) * probe_us / 20.0
+        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, streamed, 18.0, probe_us)
+
+    points = [point(36_000, 46_000_000, 20.0), point(36_000, 86_000_000, 20.0), point(54_000, 87_000_000, 40.0), point(54_000, 99_000_000, 40.0)]
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
+    assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
+    assert roof["overhead_us_per_kb"] == pytest.approx(0.05, rel=1e-3)
+    assert roof["overhead_us_per_streamed_mb"] == pytest.approx(0.04, rel=1e-3)
+    # the same calls read against a probe of 40 us all through: the first model's now count double
+    unscaled = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=40.0)
+    assert unscaled["overhead_us"] == pytest.approx(6.0, rel=1e-3) and unscaled["overhead_us_per_kb"] == pytest.approx(0.1, rel=1e-3)
+
+
+def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
+    x0 = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    x1 = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
+    noise = np.array([0.1, -0.2, 0.05, 0.15, -0.1])
+    y = 2.0 + 0.5 * x0 - 0.3 * x1 + noise
+    intercept, slopes = calibrate._nonnegative_line(list(zip(x0, x1)), list(y))
+    free_slope, free_intercept = np.polyfit(x0, y, 1)  # the best line in x0 alone
+    assert slopes[1] == 0 and slopes[0] == pytest.approx(free_slope) and intercept == pytest.approx(free_intercept)
+    intercept, slopes = calibrate._nonnegative_line([(1.0, 36_000), (2.0, 36_100), (3.0, 36_000)], [1.0, 2.0, 3.0])
+    assert slopes[1] == 0 and slopes[0] == pytest.approx(1.0) and intercept == pytest.approx(0.0, abs=1e-12)
+
+
 def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode_calls():
     """Hand arithmetic: compute roof 40 GFLOP/s; one call of 4 MFLOP (100 us) and 2 MB at 20 GB/s (100 us),
     one of 32 MFLOP (800 us) and 20 MB at 10 GB/s (2000 us), one of 8 MFLOP (200 us) and 8 MB at 20 GB/s
@@ -220,7 +263,21 @@ def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode
     assert roof["overlap"] == pytest.approx(0.25, abs=1e-4) and roof["overhead_us"] == pytest.approx(30.0, rel=1e-3)
     assert "overhead_us_per_streamed_mb" not in roof
     # the in-cache roof is floored at what decode achieved, the fastest call: 4 MFLOP in 155 us, 25.8 GFLOP/s
-    assert roof["gflops"] == 40.0 and calibrate._roof_from_decode(10.0, points, parallel=True)["gflops"] == pytest.approx(4e6 / 155e-6 / 1e9, rel=1e-3)
+    # (at 20 GFLOP/s the 32 MFLOP call is still memory-bound: the kernel is not compute-bound in decode)
+    assert roof["gflops"] == 40.0 and calibrate._roof_from_decode(20.0, points, parallel=True)["gflops"] == pytest.approx(4e6 / 155e-6 / 1e9, rel=1e-3)
+
+
+def test_a_kernel_compute_bound_in_every_decode_call_takes_its_roof_from_those_calls():
+    """Hand arithmetic: an in-cache roof of 50 GFLOP/s makes both calls compute-bound (2 MFLOP: 40 us against
+    0.4 MB at 20 GB/s, 20 us; 60 MFLOP: 1200 us against 12 MB, 600 us). Decode took 100 and 1840 us: the
+    line through them is 58 MFLOP per 1740 us (33.3 GFLOP/s) from a fixed cost of 40 us, no overlap."""
+    from perfsim.cost import Cost
+
+    points = [calibrate.DecodeShapedPoint(100e-6, Cost(flops=2e6, kv_bytes=400_000), 0, 20.0),
+              calibrate.DecodeShapedPoint(1840e-6, Cost(flops=60e6, kv_bytes=12_000_000), 0, 20.0)]
+    roof = calibrate._roof_from_decode(50.0, points, parallel=True)
+    assert roof["gflops"] == pytest.approx(58e6 / 1740e-6 / 1e9, rel=1e-3)
+    assert roof["overhead_us"] == pytest.approx(40.0, rel=1e-3) and roof["overlap"] == 0.0
 
 
 def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monkeypatch):
@@ -238,7 +295,7 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
     attention = {f"attention.{f}.gqa" for f in ("f16", "q8_0", "f32")}  # TINY has 4 heads over 2 kv heads
     assert set(calls) == kernels | attention | {f"embedding.{f}" for f in ("q4_0", "q8_0", "f16", "f32")}
     for kernel, points in calls.items():
-        assert all(p.seconds > 0 and p.stream_gb_s > 0 for p in points)
+        assert all(p.seconds > 0 and p.stream_gb_s > 0 and p.cold_call_us > 0 for p in points)
     assert len(calls["rmsnorm"]) == 2 and len(calls["gemv.q4_0"]) == 2 * 5  # serial ops pooled; each GEMV at each context
     kv_values = TINY.n_kv_heads * TINY.head_dim * 2  # K and V, per position
     layer_weights = sum(rows * cols for rows, cols in TINY.layer_matrices().values()) * 18 // 32
