@@ -10,8 +10,9 @@ What is measured, at each thread count, and never the end-to-end decode it is la
     instead on their calls in the engine's decode of two 4-layer models of other shapes, at two contexts
     (DECODE_SHAPED_MODEL, and the larger DECODE_SHAPED_GQA_MODEL with grouped-query attention): what
     those ops cost depends on what runs between them, and stand-ins for that (a producer stream, sweeps
-    in a loop of their own) missed by up to 2x, or swung from one calibration to the next. The other formats' kernels keep the microbenchmark fits (a tiny
-    problem after a streaming read; attention on cold K/V rows; sweeps over operands 3x the L3).
+    in a loop of their own) missed by up to 2x, or swung from one calibration to the next. The other
+    formats' kernels keep the microbenchmark fits (a tiny problem after a streaming read; attention on
+    cold K/V rows; sweeps over operands 3x the L3).
 The profile has the schema of devices/*.yaml (plus `kernel_roofs` and `calibration`) and is written
 to a temporary file then renamed, so an interrupted run never leaves a half-written profile.
 """
@@ -57,10 +58,11 @@ DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers
 # A larger one with grouped-query attention (6 kv heads of 5 query heads each, hidden 3840, MLP 10240: 86
 # MB of q4_0 weights a layer), one session (f16 K/V, q4_0 embedding). Its attention.f16.gqa calls give
 # that kernel's fixed cost and overlap, and its serial ops a second operand size and a second weight
-# size for theirs: across models, a serial op's cost grows with its own operands more than its in-cache
-# roof says (they are cold in decode), and with what a layer streams (measured in 4-layer models of five
-# shapes, normalized by their cold-call probes: a line in the streamed bytes alone, or in the K/V bytes
-# alone, missed phi-3-small's serial ops by +10-40% or -15-35%).
+# size for theirs. Across 4-layer models of five shapes (timed in turn, each scaled by its cold-call
+# probe), a serial op's cost grew with its own operands more than its in-cache roof says (they are cold
+# in decode) and with what a layer streams, weights as well as K/V. From the first model alone, a line
+# in the streamed bytes over-predicted phi-3-small's serial ops by up to 44% in four rounds of sweeps,
+# and a line in the K/V bytes alone under-predicted them by up to 27%.
 DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=30,
                                     n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
