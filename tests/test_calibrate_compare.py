@@ -280,6 +280,32 @@ def test_a_kernel_compute_bound_in_every_decode_call_takes_its_roof_from_those_c
     assert roof["overhead_us"] == pytest.approx(40.0, rel=1e-3) and roof["overlap"] == 0.0
 
 
+def resident_bytes_of(array) -> int:
+    """Resident bytes of the mapping that holds `array` (its own mmap: zeros_huge_pages), from /proc/self/smaps."""
+    address, region = array.ctypes.data, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            region = start <= address < end
+        elif region and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the array")
+
+
+def test_a_session_faults_its_whole_kv_cache_in_before_any_step():
+    """A first touch of the cache inside a timed step (a 2 MiB page zeroed, or compacted for) once cost
+    kv_append 4x its usual time: a new session's cache is resident at once, like llama.cpp's, and still zero."""
+    from perfsim.engine import random_weights
+
+    model = ModelSpec("long", n_layers=4, hidden_size=256, n_heads=2, n_kv_heads=2, intermediate_size=512, vocab_size=320, max_context=16384)
+    session = Engine(random_weights(model, "q4_0", seed=0), "f16").session(16384)
+    assert session.cache.nbytes == 64 * 2**20  # 4 layers x 2 kv heads x 16384 positions x 128 x f16 x (K, V)
+    for array in session.cache.arrays:  # K and V, 32 MiB each in a mapping of its own
+        assert resident_bytes_of(array) >= array.nbytes
+        assert not array.any()
+
+
 def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monkeypatch):
     """The plumbing of the decode-shaped run, on a tiny model: every serial kernel and format gets a
     positive call time at both contexts, with the K/V bytes a layer's attention reads at each."""
