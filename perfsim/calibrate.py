@@ -405,7 +405,7 @@ def _decode_shaped_weights(model: ModelSpec, sessions=DECODE_SHAPED_SESSIONS) ->
 
 @dataclass(frozen=True)
 class DecodeShapedPoint:
-    """One op's call in decode of DECODE_SHAPED_MODEL at one context: medians over steps."""
+    """One op's call in decode of a decode-shaped model at one context: medians over steps."""
 
     seconds: float  # one call
     cost: object  # Cost of one call
@@ -421,7 +421,7 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
     ops pooled: both norms, both residual adds); a GEMV or attention one per op and context. The first
     layer's ops are left out: they follow the streaming pass run before each step, which in a 32-layer
     model 1 layer in 32 does. Each step follows a streaming pass and a cold-call probe, as in measured
-    decode; the probes' times are appended to `probes`."""
+    decode; each point keeps the median probe of its steps, and all the probes' times are appended to `probes`."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
     from perfsim.measure import cold_call_probe_us, read_pass_gb_s
     from perfsim.workload import ATTENTION, GEMV, decode_ops
