@@ -413,6 +413,10 @@ class DecodeShapedPoint:
     stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
     cold_call_us: float = 0.0  # median of the cold-call probes run before the steps (0: none)
 
+    def roofs_s(self, gflops: float) -> tuple:
+        """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes."""
+        return self.cost.flops / (gflops * 1e9), self.cost.bytes / (self.stream_gb_s * 1e9)
+
 
 def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS, probes: list | None = None) -> dict:
     """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
@@ -496,7 +500,7 @@ def _nonnegative_line(rows: list, ys: list) -> tuple:
 
     columns = np.asarray(rows, dtype=float).reshape(len(ys), -1)
     y = np.asarray(ys, dtype=float)
-    varying = [j for j in range(columns.shape[1]) if columns[:, j].max() > 1.1 * max(columns[:, j].min(), 0.0) and columns[:, j].max() > 0]
+    varying = [j for j in range(columns.shape[1]) if columns[:, j].max() > 1.1 * max(columns[:, j].min(), 0.0)]
     best = (float(np.mean(y)), np.zeros(columns.shape[1]), float(np.sum((y - np.mean(y)) ** 2)))
     for k in range(1, len(varying) + 1):
         for subset in combinations(varying, k):
@@ -531,7 +535,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     if not parallel:
         rows, excess = [], []
         for p in points:
-            roof_s = max(p.cost.flops / (gflops * 1e9), p.cost.bytes / (p.stream_gb_s * 1e9))
+            roof_s = max(p.roofs_s(gflops))
             scale = cold_call_us / p.cold_call_us if cold_call_us > 0 and p.cold_call_us > 0 else 1.0
             rows.append((p.cost.bytes, p.streamed_bytes))
             excess.append((p.seconds - roof_s) * scale)
@@ -545,7 +549,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     # 33-37 in phi-3-small's decode); the fit then read the gap as overlap (0.97-1.0) and charged it to
     # the memory time, which phi-3-small's groups of 4 have more of per FLOP: +16% to +27%.
     flops = [p.cost.flops for p in points]
-    if max(flops) > 1.1 * min(flops) and all(p.cost.flops / (gflops * 1e9) > p.cost.bytes / (p.stream_gb_s * 1e9) for p in points):
+    if max(flops) > 1.1 * min(flops) and all(compute_s > memory_s for compute_s, memory_s in (p.roofs_s(gflops) for p in points)):
         per_flop_s, overhead_s = np.polyfit(flops, [p.seconds for p in points], 1)
         if per_flop_s > 0:
             return {"gflops": _sig(1e-9 / per_flop_s), "overlap": 0.0, "overhead_us": _sig(max(float(overhead_s), 0.0) * 1e6)}
@@ -556,7 +560,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     gflops = max(gflops, max(p.cost.flops / p.seconds for p in points) / 1e9)
     hidden, excess = [], []
     for p in points:
-        compute_s, memory_s = p.cost.flops / (gflops * 1e9), p.cost.bytes / (p.stream_gb_s * 1e9)
+        compute_s, memory_s = p.roofs_s(gflops)
         hidden.append(min(compute_s, memory_s))
         excess.append(p.seconds - max(compute_s, memory_s))
     slope, intercept = np.polyfit(hidden, excess, 1)
