@@ -53,12 +53,9 @@ class KernelRoof:
     gflops: float  # with its data in cache: the compute roof this kernel really sees
     overlap: float  # 0: compute hides under memory traffic (a pure roofline); 1: they add up
     overhead_us: float  # fixed cost of one call: Python dispatch, parallel fork/join
-    # Serial kernels: the fixed cost grows with what a layer streams through the caches between two calls
-    # (weights and K/V, decimal MB): the op finds its call path colder in a larger model, at a longer context.
-    overhead_us_per_streamed_mb: float = 0.0
-    # Serial kernels: and with the op's own operands (decimal KB), beyond its in-cache roof: in decode a
-    # parallel GEMV wrote them on other cores, or they were last read a token ago.
-    overhead_us_per_kb: float = 0.0
+    # Serial kernels: the fixed cost grows with the K/V a layer's attention reads (decimal MB), that is
+    # with the context: the op finds its call path colder after a longer attention.
+    overhead_us_per_kv_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -140,8 +137,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
-                                        roof.number("overhead_us_per_streamed_mb", minimum=0, required=False, default=0.0),
-                                        roof.number("overhead_us_per_kb", minimum=0, required=False, default=0.0))
+                                        roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

@@ -30,7 +30,7 @@ class Roofs:
     bandwidth_bytes_per_s: float
     flops_per_s: tuple  # achievable, ((precision, FLOP/s), ...) for f32, f16, int8
     overhead_s_per_op: float
-    kernels: tuple = ()  # calibrated hosts: ((kernel, FLOP/s, overlap, overhead s, overhead s per byte a layer streams, per byte of the op's operands), ...), used before the above
+    kernels: tuple = ()  # calibrated hosts: ((kernel, FLOP/s, overlap, overhead s, overhead s per K/V byte a layer's attention reads), ...), used before the above
 
     def flops(self, precision: str) -> float:
         return dict(self.flops_per_s)[precision]
@@ -66,7 +66,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
         share = 1.0
     flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
     kernels = tuple(
-        (kernel, r.gflops * 1e9, r.overlap, r.overhead_us * 1e-6, r.overhead_us_per_streamed_mb * 1e-12, r.overhead_us_per_kb * 1e-9)
+        (kernel, r.gflops * 1e9, r.overlap, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12)
         for kernel, by_threads in unit.kernel_roofs.items()
         if (r := by_threads.get(threads)) is not None
     )
@@ -74,7 +74,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
 
 
 def _roofs_by_op(roofs: Roofs):
-    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s, overhead s per byte a layer streams, per byte of the op's operands)})."""
+    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s, overhead s per byte of K/V a layer's attention reads)})."""
     return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, {k[0]: k[1:] for k in roofs.kernels}
 
 
@@ -93,8 +93,8 @@ def _op_terms(ops: tuple, roofs: Roofs):
     flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
     for op in ops:
         if op.kernel in kernels:
-            op_flops_per_s, overlap, op_overhead, overhead_per_streamed_byte, overhead_per_op_byte = kernels[op.kernel]
-            op_overhead += overhead_per_streamed_byte * op.layer_streamed_bytes + overhead_per_op_byte * op.cost.bytes
+            op_flops_per_s, overlap, op_overhead, overhead_per_kv_byte = kernels[op.kernel]
+            op_overhead += overhead_per_kv_byte * op.layer_kv_bytes
         else:
             op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
         yield op, op.flops / op_flops_per_s, op.bytes / bandwidth, overlap, op_overhead * op.count

@@ -35,9 +35,9 @@ class Op:
     precision: str  # math precision of its FLOPs: "int8" (integer dot products), "f16" or "f32"
     count: int = 1  # executions per token (n_layers for layer ops)
     kernel: str = ""  # the kernel that runs it, e.g. "gemv.q4_0": a calibrated host profile has roofs per kernel
-    # Serial ops: the bytes one layer streams through the caches between two calls of the op (its GEMVs'
-    # weights, its attention's K/V); a calibrated host's fixed cost per call grows with it. 0 otherwise.
-    layer_streamed_bytes: int = 0
+    # Serial ops: the K/V bytes one layer's attention reads at this context; a calibrated host's fixed cost
+    # per call grows with it (perfsim.calibrate). 0 otherwise.
+    layer_kv_bytes: int = 0
     # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
     flops: float = field(init=False)
     bytes: int = field(init=False)
@@ -92,10 +92,10 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
     gemvs = {name: layer_gemv(name) for name in matrices}
     attention_op = Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache),
                       "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads))
-    streamed = sum(op.cost.weight_bytes for op in gemvs.values()) + attention_op.cost.kv_bytes
+    layer_kv_bytes = attention_op.cost.kv_bytes
 
     def serial(name, kind, cost, count, kernel):
-        return Op(name, kind, cost, "f32", count, kernel, streamed)
+        return Op(name, kind, cost, "f32", count, kernel, layer_kv_bytes)
 
     return (
         serial("token_embd", EMBEDDING, embedding_cost(d, w), 1, f"embedding.{w.name}"),

@@ -121,21 +121,20 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
 
 def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     """with_same_run_host: a run whose cold-call probe took 1.5x the calibration's gets every fixed cost at
-    its thread count 1.5x (kernel overheads, their per-streamed-MB and per-KB terms, the default per op), nothing else."""
+    its thread count 1.5x (kernel overheads, their per-K/V-MB term, the default per op), nothing else."""
     from perfsim.compare import with_same_run_host
     from perfsim.device import device_from_data
 
     data = fake_profile()
     unit = data["units"]["cpu"]
-    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_streamed_mb": 0.04, "overhead_us_per_kb": 0.02}
+    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_kv_mb": 0.04}
                                      for t in unit["kernel_roofs"]["gemv.q4_0"]}
     unit["cold_call_us_by_threads"] = {1: 20.0}
     device = device_from_data(data, "fake.yaml")
     run = with_same_run_host(device, 1, stream_gb_s=11.0, cold_call_us=30.0).unit()
     assert run.bandwidth_gb_s_by_threads[1] == 11.0 and run.overhead_us_per_op == pytest.approx(1.5)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us == pytest.approx(9.0)
-    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_streamed_mb == pytest.approx(0.06)
-    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_kb == pytest.approx(0.03)
+    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_kv_mb == pytest.approx(0.06)
     assert run.kernel_roofs["gemv.q4_0"][1].overhead_us == pytest.approx(6.0)
     assert run.kernel_roofs["gemv.q4_0"][1].gflops == 50.0 and run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5
     for t in set(run.kernel_roofs["gemv.q4_0"]) - {1}:  # other thread counts are not this run's
@@ -187,9 +186,9 @@ def test_serial_kernels_in_cache_runs_follow_a_producer_that_writes_their_input(
     assert benches["kv_append.f16"].in_cache.predecessor is not None and benches["silu_mul"].in_cache.predecessor is None
 
 
-def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_line_in_streamed_bytes():
+def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_line_in_k_v_bytes():
     """Hand arithmetic: in-cache calls of 7 us (work W) and 4 us (W/4) make the compute roof 0.75 W / 3 us;
-    decode calls of 12 us when a layer streams 1 MB and 16 us at 41 MB make 0.1 us per MB; the fixed cost
+    decode calls of 12 us when a layer's attention reads 1 MB of K/V and 16 us at 41 MB make 0.1 us per MB; the fixed cost
     is 12 us - the call's roof - 0.1 us."""
     from perfsim.cost import Cost
 
@@ -203,18 +202,18 @@ def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_lin
     flops_per_s = 0.75 * work_flops / 3e-6
     assert roof["gflops"] == pytest.approx(flops_per_s / 1e9, rel=1e-3)
     roof_s = max(20_000 / flops_per_s, 36_000 / 18e9)  # 0.27 us compute, 2 us memory
-    assert roof["overhead_us_per_streamed_mb"] == pytest.approx(0.1, rel=1e-3)
+    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.1, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx((12e-6 - roof_s - 0.1e-6) * 1e6, rel=1e-3)
     faster_long = [dataclasses.replace(points[0], seconds=10e-6), points[1]]  # noise made the long context faster: no negative slope
-    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long)["overhead_us_per_streamed_mb"] == 0
+    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long)["overhead_us_per_kv_mb"] == 0
 
 
-def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_its_operands_and_the_layers_stream_over_both_models():
-    """Hand arithmetic: a call costs its roof + 3 us + 0.05 us per KB of its operands + 0.04 us per MB a
-    layer streams, on a host whose cold-call probe reads 20 us. The first model's two contexts (36 KB of
-    operands; 46 and 86 MB streamed) ran at that probe; the second model's (54 KB; 87 and 99 MB) while the
-    host's cold calls took twice as long (probe 40 us), so everything beyond the roof doubled there. The
-    fit scales each point to the calibration's probe and gives the three terms back."""
+def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_k_v_bytes_over_both_models_each_scaled_to_the_probe():
+    """Hand arithmetic: a call costs its roof + 3 us + 0.04 us per MB of K/V a layer's attention reads,
+    on a host whose cold-call probe reads 20 us. The first model's two contexts (36 KB of operands; 1 and
+    41 MB of K/V) ran at that probe; the second model's (54 KB; 0.4 and 12 MB) while the host's cold calls
+    took twice as long (probe 40 us), so everything beyond the roof doubled there. The fit scales each
+    point to the calibration's probe and gives the two terms back; the operands' size plays no part."""
     from perfsim.cost import Cost
 
     flops_per_s = 0.75 * 3e5 / 3e-6
@@ -222,20 +221,19 @@ def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_its_operands_and_the
     bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, 3e5, quarter)
     times = {id(in_cache): 7e-6, id(quarter): 4e-6}
 
-    def point(op_bytes, streamed, probe_us):
+    def point(op_bytes, kv_bytes, probe_us):
         cost = Cost(flops=op_bytes / 3, act_bytes=op_bytes)
         roof_s = max(cost.flops / flops_per_s, op_bytes / 18e9)
-        beyond_s = (3e-6 + 0.05e-6 * op_bytes / 1e3 + 0.04e-6 * streamed / 1e6) * probe_us / 20.0
-        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, streamed, 18.0, probe_us)
+        beyond_s = (3e-6 + 0.04e-6 * kv_bytes / 1e6) * probe_us / 20.0
+        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, kv_bytes, 18.0, probe_us)
 
-    points = [point(36_000, 46_000_000, 20.0), point(36_000, 86_000_000, 20.0), point(54_000, 87_000_000, 40.0), point(54_000, 99_000_000, 40.0)]
+    points = [point(36_000, 1_000_000, 20.0), point(36_000, 41_000_000, 20.0), point(54_000, 400_000, 40.0), point(54_000, 12_000_000, 40.0)]
     roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
     assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
-    assert roof["overhead_us_per_kb"] == pytest.approx(0.05, rel=1e-3)
-    assert roof["overhead_us_per_streamed_mb"] == pytest.approx(0.04, rel=1e-3)
+    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     # the same calls read against a probe of 40 us all through: the first model's now count double
     unscaled = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=40.0)
-    assert unscaled["overhead_us"] == pytest.approx(6.0, rel=1e-3) and unscaled["overhead_us_per_kb"] == pytest.approx(0.1, rel=1e-3)
+    assert unscaled["overhead_us"] == pytest.approx(6.0, rel=1e-3) and unscaled["overhead_us_per_kv_mb"] == pytest.approx(0.08, rel=1e-3)
 
 
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
@@ -261,7 +259,7 @@ def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode
     points = [point(155e-6, 4e6, 2_000_000, 20.0), point(2230e-6, 32e6, 20_000_000, 10.0), point(480e-6, 8e6, 8_000_000, 20.0)]
     roof = calibrate._roof_from_decode(40.0, points, parallel=True)  # memory at each point's own passes
     assert roof["overlap"] == pytest.approx(0.25, abs=1e-4) and roof["overhead_us"] == pytest.approx(30.0, rel=1e-3)
-    assert "overhead_us_per_streamed_mb" not in roof
+    assert "overhead_us_per_kv_mb" not in roof
     # the in-cache roof is floored at what decode achieved, the fastest call: 4 MFLOP in 155 us, 25.8 GFLOP/s
     # (at 20 GFLOP/s the 32 MFLOP call is still memory-bound: the kernel is not compute-bound in decode)
     assert roof["gflops"] == 40.0 and calibrate._roof_from_decode(20.0, points, parallel=True)["gflops"] == pytest.approx(4e6 / 155e-6 / 1e9, rel=1e-3)
@@ -324,10 +322,9 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
         assert all(p.seconds > 0 and p.stream_gb_s > 0 and p.cold_call_us > 0 for p in points)
     assert len(calls["rmsnorm"]) == 2 and len(calls["gemv.q4_0"]) == 2 * 5  # serial ops pooled; each GEMV at each context
     kv_values = TINY.n_kv_heads * TINY.head_dim * 2  # K and V, per position
-    layer_weights = sum(rows * cols for rows, cols in TINY.layer_matrices().values()) * 18 // 32
-    by_context = lambda kernel: sorted(calls[kernel], key=lambda p: p.streamed_bytes)  # noqa: E731
-    assert [p.streamed_bytes for p in by_context("kv_append.f32")] == [layer_weights + c * kv_values * 4 for c in (8, 40)]
+    by_context = lambda kernel: sorted(calls[kernel], key=lambda p: p.kv_bytes)  # noqa: E731
+    assert [p.kv_bytes for p in by_context("kv_append.f32")] == [c * kv_values * 4 for c in (8, 40)]
     # rmsnorm runs in all four sessions: f16, q8_0 (34 bytes a block of 32), f32, f16 K/V
-    assert by_context("rmsnorm")[0].streamed_bytes == layer_weights + round(8 * kv_values * (2 + 34 / 32 + 4 + 2) / 4)
+    assert by_context("rmsnorm")[0].kv_bytes == round(8 * kv_values * (2 + 34 / 32 + 4 + 2) / 4)
     assert sorted(p.cost.kv_bytes for p in calls["attention.f16.gqa"]) == [8 * kv_values * 2, 40 * kv_values * 2]
     assert calls["rmsnorm"][0].cost.flops > 0 and calls["kv_append.f32"][0].cost.flops == 0
