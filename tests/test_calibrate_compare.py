@@ -92,6 +92,29 @@ def test_a_current_profile_is_used_as_it_is(cache, monkeypatch):
     assert calibrate.load_host_profile().peak_bandwidth_gb_s == 33.0
 
 
+def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypatch):
+    """A step that touches 32 MiB it has not mapped before takes at least 16 faults (2 MiB pages; 8192 of
+    4 KiB), and the record says which step it was."""
+    import numpy as np
+
+    from perfsim import engine as engine_module
+
+    real_step, calls = engine_module.Session.step, []
+
+    def step(self, token):
+        calls.append(token)
+        out = real_step(self, token)
+        if len(calls) == 3:  # the warm-up, then the second measured step
+            np.ones(32 * 2**20 // 8)
+        return out
+
+    monkeypatch.setattr(engine_module.Session, "step", step)
+    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
+    faults = measurement.step_page_faults
+    assert len(faults) == 4 and all(f >= 0 for f in faults)
+    assert faults[1] >= 16 and faults[1] > max(faults[:1] + faults[2:])
+
+
 def test_comparison_errors_are_signed_relative_to_the_measurement():
     from perfsim.device import device_from_data
 
