@@ -190,7 +190,7 @@ def cold_call_probe_us() -> float:
 
 
 _COMPUTE_PROBE_ROWS = {}
-COMPUTE_PROBE_ROUNDS = 400  # of 1024 values a thread: ~40 us at 2.5 GHz
+COMPUTE_PROBE_ROUNDS = 1600  # of 1024 values a thread: ~110 us, so a cold start (~20 us on 2 threads) weighs little
 
 
 def compute_probe_us(threads: int) -> float:
