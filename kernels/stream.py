@@ -68,19 +68,6 @@ def stream_then_write(data, start, stop, n_chunks, source, operand):
     return partial.sum()
 
 
-@jit(parallel=True)
-def multiply_add_rounds(values, rounds):
-    """values f32[threads, n] (a few KiB a row: in L1) <- values * a + b, `rounds` times, one row per
-    thread: 2 FLOPs an element a round, vectorized over the row, no memory traffic beyond L1. What it
-    takes is the speed of the cores at that moment. Returns one value (keeps the work alive)."""
-    a, b = np.float32(0.999), np.float32(0.001)
-    for row in prange(values.shape[0]):
-        for _ in range(rounds):
-            for i in range(values.shape[1]):
-                values[row, i] = values[row, i] * a + b
-    return values[0, 0]
-
-
 def stream_buffer(n_bytes: int = DEFAULT_N_BYTES) -> np.ndarray:
     """An int64 array of n_bytes (rounded down to 8), every page touched so the timing sees no faults."""
     return np.arange(n_bytes // 8, dtype=np.int64)

@@ -420,19 +420,16 @@ class DecodeShapedPoint:
         return self.cost.flops / (gflops * 1e9), self.cost.bytes / (self.stream_gb_s * 1e9)
 
 
-def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS, probes: list | None = None,
-                         compute_probes: list | None = None) -> dict:
+def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS, probes: list | None = None) -> dict:
     """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
     the weights' model, per (KV format, embedding format) of `sessions` a session at each of DECODE_SHAPED_CONTEXTS, their steps
     taking turns (the host drifts by 30% within a minute). A serial kernel has one point per context (its
     ops pooled: both norms, both residual adds); a GEMV or attention one per op and context. The first
     layer's ops are left out: they follow the streaming pass run before each step, which in a 32-layer
     model 1 layer in 32 does. Each step follows a streaming pass and a cold-call probe, as in measured
-    decode; each point keeps the median probe of its steps, and all the probes' times are appended to `probes`.
-    A compute probe (perfsim.measure.compute_probe_us) follows each cold-call probe, its times appended to
-    `compute_probes`."""
+    decode; each point keeps the median probe of its steps, and all the probes' times are appended to `probes`."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
-    from perfsim.measure import cold_call_probe_us, compute_probe_us, read_pass_gb_s
+    from perfsim.measure import cold_call_probe_us, read_pass_gb_s
     from perfsim.workload import ATTENTION, GEMV, decode_ops
 
     samples, costs, kv_bytes, passes, cold_calls = {}, {}, {}, {}, {}
@@ -463,11 +460,8 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
             for context, session, timed in by_context:
                 gb_s = read_pass_gb_s(threads)
                 probe_us = cold_call_probe_us()
-                compute_us = compute_probe_us(threads)
                 if probes is not None:
                     probes.append(probe_us)
-                if compute_probes is not None:
-                    compute_probes.append(compute_us)
                 session.step(session.next_token)
                 marks = session.marks
                 for key, indices in timed.items():
@@ -641,7 +635,7 @@ def measure_host(progress=None) -> dict:
     flush = stream_buffer(8 * 2**20)
     stream_read = lambda: sum_int64(flush)
     producer = Producer()
-    bandwidth_gb_s, cold_call_us, compute_probe_us, kernel_roofs = {}, {}, {}, {b.kernel: {} for b in parallel + serial}
+    bandwidth_gb_s, cold_call_us, kernel_roofs = {}, {}, {b.kernel: {} for b in parallel + serial}
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
         bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
@@ -650,11 +644,10 @@ def measure_host(progress=None) -> dict:
         # thread) sets what they find in the caches: they are measured at each thread count too.
         report(done, total, f"ops in decode of 4-layer models, {threads} threads")
         set_threads(threads)
-        probes, compute_probes = [], []
-        decode_calls = _decode_shaped_calls(decode_shaped, threads, probes=probes, compute_probes=compute_probes)
-        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS, probes, compute_probes)
+        probes = []
+        decode_calls = _decode_shaped_calls(decode_shaped, threads, probes=probes)
+        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS, probes)
         cold_call_us[threads] = _sig(statistics.median(probes))
-        compute_probe_us[threads] = _sig(statistics.median(compute_probes))
         for kernel, points in gqa_calls.items():  # the q4_0 GEMVs and the serial ops have points from both
             decode_calls.setdefault(kernel, []).extend(points)
         done += 1
@@ -697,7 +690,6 @@ def measure_host(progress=None) -> dict:
                 "bandwidth_efficiency": 1.0,
                 "bandwidth_gb_s_by_threads": bandwidth_gb_s,
                 "cold_call_us_by_threads": cold_call_us,
-                "compute_probe_us_by_threads": compute_probe_us,
                 "overhead_us_per_op": kernel_roofs["residual_add"][1]["overhead_us"],
                 "kernel_roofs": kernel_roofs,
             }
@@ -711,7 +703,6 @@ def measure_host(progress=None) -> dict:
             "units.cpu.bandwidth_efficiency": "1: the bandwidths are measured",
             "units.cpu.bandwidth_gb_s_by_threads": f"{how}: streaming read of 256 MiB, best of 9",
             "units.cpu.cold_call_us_by_threads": f"{how}: perfsim.measure.cold_call_probe_us after each decode step's streaming pass, median",
-            "units.cpu.compute_probe_us_by_threads": f"{how}: perfsim.measure.compute_probe_us after each decode step's cold-call probe, median",
             "units.cpu.overhead_us_per_op": f"{how}: one call of a tiny serial kernel",
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },

@@ -40,7 +40,6 @@ class ComputeUnit:
     kernel_roofs: dict = field(default_factory=dict)  # measured, per kernel and thread count: KernelRoof
     # calibrated hosts: perfsim.measure.cold_call_probe_us beside the calibration's decode steps, per thread count
     cold_call_us_by_threads: dict = field(default_factory=dict)
-    compute_probe_us_by_threads: dict = field(default_factory=dict)  # perfsim.measure.compute_probe_us in calibration
 
     def peak_flops(self, precision: str) -> float:
         listed = next(p for p in _PRECISION_FALLBACK[precision] if p in self.peak_tflops)  # the loader ensures one
@@ -128,7 +127,6 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
     is_cpu = unit_type == "cpu"
     by_threads = _numbers_by_threads(f, "bandwidth_gb_s_by_threads")
     cold_call_us_by_threads = _numbers_by_threads(f, "cold_call_us_by_threads")
-    compute_probe_us_by_threads = _numbers_by_threads(f, "compute_probe_us_by_threads")
     kernel_roofs = {}
     kernels_fields = f.mapping("kernel_roofs", required=False)
     if kernels_fields is not None:
@@ -156,7 +154,6 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
         bandwidth_gb_s_by_threads=by_threads,
         kernel_roofs=kernel_roofs,
         cold_call_us_by_threads=cold_call_us_by_threads,
-        compute_probe_us_by_threads=compute_probe_us_by_threads,
     )
     f.done()
     return unit

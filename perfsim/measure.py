@@ -35,11 +35,10 @@ class Measurement:
     step_stream_gb_s: tuple = ()  # each step's pass, same order as step_seconds
     cold_call_us: float = 0.0  # median of the cold-call probes run after each pass (cold_call_probe_us)
     step_cold_call_us: tuple = ()  # each step's probe, same order as step_seconds
-    # Page faults the process took inside each step (minor: a page mapped, zeroed or copied; none read
-    # from disk). A steady decode takes none: its weights, K/V and scratch are all mapped before.
+    # Page faults the process took inside each step (minor: a page mapped, zeroed or copied). A steady
+    # decode takes a few (1-5 a step in 96 sweep points of Phi-3 Mini and Small): its weights, K/V and
+    # scratch are mapped before; many more mean the step paid for memory the sweep did not ask for.
     step_page_faults: tuple = ()
-    compute_probe_us: float = 0.0  # median of the compute probes run after each cold-call probe (compute_probe_us)
-    step_compute_probe_us: tuple = ()
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -107,12 +106,10 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     session.position = first
     read_pass_gb_s(threads)  # compile or load the streaming kernel, fault its buffer in
     cold_call_probe_us()
-    compute_probe_us(threads)
-    token, steps, passes, probes, computes, faults, ops = 1, [], [], [], [], [], {name: [] for name in session.op_seconds}
+    token, steps, passes, probes, faults, ops = 1, [], [], [], [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
         passes.append(read_pass_gb_s(threads))
         probes.append(cold_call_probe_us())
-        computes.append(compute_probe_us(threads))
         faults_before = _page_faults()
         start = time.perf_counter()
         session.step(token)
@@ -137,8 +134,6 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         cold_call_us=statistics.median(probes),
         step_cold_call_us=tuple(probes),
         step_page_faults=tuple(faults),
-        compute_probe_us=statistics.median(computes),
-        step_compute_probe_us=tuple(computes),
     )
 
 
@@ -189,30 +184,6 @@ def cold_call_probe_us() -> float:
     return (time.perf_counter() - start) * 1e6
 
 
-_COMPUTE_PROBE_ROWS = {}
-COMPUTE_PROBE_ROUNDS = 1600  # of 1024 values a thread: ~110 us, so a cold start (~20 us on 2 threads) weighs little
-
-
-def compute_probe_us(threads: int) -> float:
-    """Microseconds of perfsim.kernels.stream.multiply_add_rounds on `threads` threads, its data in L1:
-    how fast the cores compute at this moment. A shared host's varies (clock, neighbours): the same
-    compute-bound kernel (grouped-query attention) ran at 34-37 GFLOP/s on one thread in most
-    calibrations and at 46-49 in two. Measured decode and calibration record it beside every step."""
-    import numpy as np
-
-    from perfsim.kernels.jit import set_threads
-    from perfsim.kernels.stream import multiply_add_rounds
-
-    if threads not in _COMPUTE_PROBE_ROWS:
-        _COMPUTE_PROBE_ROWS[threads] = np.ones((threads, 1024), np.float32)
-        set_threads(threads)
-        multiply_add_rounds(_COMPUTE_PROBE_ROWS[threads], 1)  # compile or load from Numba's cache
-    set_threads(threads)
-    start = time.perf_counter()
-    multiply_add_rounds(_COMPUTE_PROBE_ROWS[threads], COMPUTE_PROBE_ROUNDS)
-    return (time.perf_counter() - start) * 1e6
-
-
 def measurement_record(m: Measurement) -> dict:
     kinds = {op.name: op.kind for op in decode_ops(m.model, m.formats, m.contexts[-1])}
     return {
@@ -230,8 +201,6 @@ def measurement_record(m: Measurement) -> dict:
         "cold_call_us": m.cold_call_us,
         "step_cold_call_us": list(m.step_cold_call_us),
         "step_page_faults": list(m.step_page_faults),
-        "compute_probe_us": m.compute_probe_us,
-        "step_compute_probe_us": list(m.step_compute_probe_us),
         "weights": m.weights_origin,
         "ops": [{"name": name, "kind": kinds[name], "time_s": m.op_time_s(name)} for name in m.op_seconds],
     }

@@ -64,8 +64,6 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "step_stream_gb_s": list(measurement.step_stream_gb_s),
                 "step_cold_call_us": list(measurement.step_cold_call_us),
                 "step_page_faults": list(measurement.step_page_faults),
-                "step_compute_probe_us": list(measurement.step_compute_probe_us),
-                "calibrated_compute_probe_us": device.unit().compute_probe_us_by_threads.get(t),
                 "calibrated_cold_call_us": device.unit().cold_call_us_by_threads.get(t),
                 "seconds": time.perf_counter() - start,
             }
