@@ -36,8 +36,8 @@ class Measurement:
     cold_call_us: float = 0.0  # median of the cold-call probes run after each pass (cold_call_probe_us)
     step_cold_call_us: tuple = ()  # each step's probe, same order as step_seconds
     # Page faults the process took inside each step (minor: a page mapped, zeroed or copied). A steady
-    # decode takes a few (0-3 in each of 864 steps of 54 sweep points, Phi-3 Mini and Small): its weights, K/V and
-    # scratch are mapped before; many more mean the step paid for memory the sweep did not ask for.
+    # decode step takes a few (0-3 in each of 864 steps of 54 sweep points, Phi-3 Mini and Small): its
+    # weights, K/V and scratch are mapped before; many more mean it paid for memory it did not ask for.
     step_page_faults: tuple = ()
 
     @property
