@@ -63,8 +63,10 @@ DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers
 # The model's size is left out. Mini's serial ops cost no more a call than the 2560-wide model's, nor
 # Small's than the 3840-wide one's, though their operands are larger, and a line in operand bytes and
 # the bytes a layer streams (calibration v15) extrapolated from the two: refitted offline on the
-# calibrations of five rounds of sweeps (90 serial-op group errors, Mini and Small, 1 and 2 threads),
-# it missed by more than 20% at 35 points; a line in K/V bytes at 13, a constant at 16.
+# calibrations of eight rounds of sweeps (144 serial-op group errors: Mini and Small, 1 and 2 threads),
+# it missed by more than 20% at 56 points; a line in K/V bytes at 32, one in operand bytes at 29, a
+# constant at 33. K/V bytes vary within each model (with the context), so their slope does not rest on
+# the two models' other differences.
 DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=30,
                                     n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
