@@ -739,7 +739,7 @@ def bind_gemv(weights: Weights, x: np.ndarray, out: np.ndarray, portable: bool =
     kernel, args = _kernel_and_args(weights, x, out, portable)
 
     def call() -> None:
-        kernel(*args, threads_in_use())  # a LazyKernel: compiles (or loads) on the first call only
+        kernel.compile()(*args, threads_in_use())  # compiles (or loads) on the first call only
 
     return call
 
