@@ -35,7 +35,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 16  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 17  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -75,6 +75,10 @@ DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming
 # (KV cache format, embedding table format) of each session: every format of both gets timed
 DECODE_SHAPED_SESSIONS = (("f16", "q4_0"), ("q8_0", "q8_0"), ("f32", "f16"), ("f16", "f32"))
 DECODE_SHAPED_GQA_SESSIONS = (("f16", "q4_0"),)  # its .gqa attention kernel, its q4_0 GEMVs and its serial ops are taken from it
+# Its one session steps this many times in each round of all the sessions' turns (_decode_shaped_calls):
+# 36 steps a context, the only calls the .gqa kernel's compute roof is fitted on, spread over the ~10 s
+# the first model's 4 sessions take.
+DECODE_SHAPED_GQA_STEPS_PER_ROUND = 3
 # op name in the engine -> the kernel whose fixed cost it calibrates ({name}: the workload's kernel for that op)
 DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
@@ -371,23 +375,23 @@ def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: i
     formats = lambda prefix: sorted(name for name in by_name if name.startswith(prefix))  # noqa: E731
     kv_names, embedding_names = formats("kv_append."), formats("embedding.")
     common = [name for name in by_name if name not in kv_names + embedding_names]
-    times = {}
+    samples = {}
     for i in range(max(len(kv_names), len(embedding_names))):
         names = common + [kv_names[i % len(kv_names)], embedding_names[i % len(embedding_names)]]
         for size in ("in_cache", "in_cache_quarter"):
             calls = [getattr(by_name[name], size) for name in names]
             befores = [producer.before(call, threads) for call in calls]
-            samples = {id(call): [] for call in calls}
             for round_index in range(SERIAL_ROUNDS + 1):  # round 0 warms up (compiles or loads from the cache)
                 for call, before in zip(calls, befores):
                     before()
                     start = time.perf_counter()
                     call.run()
                     if round_index:
-                        samples[id(call)].append(time.perf_counter() - start)
-            for key, values in samples.items():
-                times.setdefault(key, statistics.median(values))  # the common kernels: their first group
-    return times
+                        samples.setdefault(id(call), []).append(time.perf_counter() - start)
+    # The common kernels' calls are pooled over every group they ran in (4, some seconds apart): taken
+    # from their first group alone, rmsnorm's compute roof on 2 threads once came out 0.77 GFLOP/s
+    # against 4-13 in eleven other calibrations, and phi-3-mini's norms were over-predicted 2-3x.
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def _decode_shaped_weights(model: ModelSpec, sessions=DECODE_SHAPED_SESSIONS) -> dict:
@@ -422,44 +426,53 @@ class DecodeShapedPoint:
         return self.cost.flops / (gflops * 1e9), self.cost.bytes / (self.stream_gb_s * 1e9)
 
 
-def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECODE_SHAPED_SESSIONS, probes: list | None = None) -> dict:
-    """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode of
-    the weights' model, per (KV format, embedding format) of `sessions` a session at each of DECODE_SHAPED_CONTEXTS, their steps
-    taking turns (the host drifts by 30% within a minute). A serial kernel has one point per context (its
-    ops pooled: both norms, both residual adds); a GEMV or attention one per op and context. The first
-    layer's ops are left out: they follow the streaming pass run before each step, which in a 32-layer
-    model 1 layer in 32 does. Each step follows a streaming pass and a cold-call probe, as in measured
-    decode; each point keeps the median probe of its steps, and all the probes' times are appended to `probes`."""
+def _decode_shaped_calls(models: list, threads: int, probes: list | None = None) -> dict:
+    """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode.
+
+    `models`: (weights_by_embedding, sessions, steps_per_round) per model: a session of the weights' model
+    per (KV format, embedding format) of `sessions`, at each of DECODE_SHAPED_CONTEXTS. All the sessions'
+    steps take turns, DECODE_SHAPED_STEPS rounds, each session stepping `steps_per_round` times a round:
+    the host drifts by 30% within a minute, and its compute speed flips between two levels ~1.4x apart
+    every 0.1-1 s (grouped-query attention at context 4000, 1 thread: 1400 or 2000 us a call). A kernel
+    timed in a window of its own under a second (calibration v16's grouped-query model: 24 steps, 0.7 s)
+    came out 34-46 GFLOP/s from one calibration to the next, while phi-3-small's decode ran it at 27-36.
+    A serial kernel has one point per model and context (its ops pooled: both norms, both residual
+    adds); a GEMV or attention one per model, op and context. The first layer's ops are left out: they
+    follow the streaming pass run before each step, which in a 32-layer model 1 layer in 32 does. Each
+    step follows a streaming pass and a cold-call probe, as in measured decode; each point keeps the
+    median probe of its steps, and all the probes' times are appended to `probes`."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
     from perfsim.measure import cold_call_probe_us, read_pass_gb_s
     from perfsim.workload import ATTENTION, GEMV, decode_ops
 
     samples, costs, kv_bytes, passes, cold_calls = {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
-    for kv_format, embedding_format in sessions:
-        engine = Engine(weights_by_embedding[embedding_format], kv_format)
-        by_context = []  # (context, session, {(kernel, op name or ""): op sequence indices})
-        for context in DECODE_SHAPED_CONTEXTS:
-            ops = {op.name: op for op in decode_ops(engine.model, engine.formats, context)}
-            kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, **{n: op.kernel for n, op in ops.items()})
-                       for name, kernel in DECODE_SHAPED_OPS.items()}
-            session = engine.session(context + DECODE_SHAPED_STEPS)
-            session.fill_cache(context - 2)
-            for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
-                session.step(max(session.next_token, 0))
-            # parallel kernels keep a point per op, serial ones pool theirs (both norms, both residual adds)
-            timed = {}
-            for i, name in enumerate(session.op_sequence):
-                if name in kernels and i not in first_layer:
-                    key = (kernels[name], name if ops[name].kind in (GEMV, ATTENTION) else "")
-                    timed.setdefault(key, []).append(i)
-                    costs[key, context] = ops[name].cost
-            for key in timed:
-                # the norms, RoPE, ... run in every session, whose K/V formats take different bytes
-                kv_bytes.setdefault((key, context), []).append(ops["attn_norm"].layer_kv_bytes)
-            by_context.append((context, session, timed))
-        for _ in range(DECODE_SHAPED_STEPS):
-            for context, session, timed in by_context:
+    turns = []  # (steps_per_round, context, session, {(model index, kernel, op name or ""): op sequence indices})
+    for model_index, (weights_by_embedding, sessions, steps_per_round) in enumerate(models):
+        for kv_format, embedding_format in sessions:
+            engine = Engine(weights_by_embedding[embedding_format], kv_format)
+            for context in DECODE_SHAPED_CONTEXTS:
+                ops = {op.name: op for op in decode_ops(engine.model, engine.formats, context)}
+                kernels = {name: kernel.format(kv=kv_format, embedding=embedding_format, **{n: op.kernel for n, op in ops.items()})
+                           for name, kernel in DECODE_SHAPED_OPS.items()}
+                session = engine.session(context + DECODE_SHAPED_STEPS * steps_per_round)
+                session.fill_cache(context - 2)
+                for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
+                    session.step(max(session.next_token, 0))
+                # parallel kernels keep a point per op, serial ones pool theirs (both norms, both residual adds)
+                timed = {}
+                for i, name in enumerate(session.op_sequence):
+                    if name in kernels and i not in first_layer:
+                        key = (model_index, kernels[name], name if ops[name].kind in (GEMV, ATTENTION) else "")
+                        timed.setdefault(key, []).append(i)
+                        costs[key, context] = ops[name].cost
+                for key in timed:
+                    # the norms, RoPE, ... run in every session, whose K/V formats take different bytes
+                    kv_bytes.setdefault((key, context), []).append(ops["attn_norm"].layer_kv_bytes)
+                turns.append((steps_per_round, context, session, timed))
+    for _ in range(DECODE_SHAPED_STEPS):
+        for steps_per_round, context, session, timed in turns:
+            for _ in range(steps_per_round):
                 gb_s = read_pass_gb_s(threads)
                 probe_us = cold_call_probe_us()
                 if probes is not None:
@@ -472,7 +485,7 @@ def _decode_shaped_calls(weights_by_embedding: dict, threads: int, sessions=DECO
                     cold_calls.setdefault((key, context), []).append(probe_us)
     points = {}
     for key, context in samples:
-        points.setdefault(key[0], []).append(DecodeShapedPoint(
+        points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
             statistics.median(passes[key, context]), statistics.median(cold_calls[key, context])))
     return points
@@ -647,11 +660,10 @@ def measure_host(progress=None) -> dict:
         report(done, total, f"ops in decode of 4-layer models, {threads} threads")
         set_threads(threads)
         probes = []
-        decode_calls = _decode_shaped_calls(decode_shaped, threads, probes=probes)
-        gqa_calls = _decode_shaped_calls(decode_shaped_gqa, threads, DECODE_SHAPED_GQA_SESSIONS, probes)
+        # the q4_0 GEMVs and the serial ops get points from both models
+        decode_calls = _decode_shaped_calls([(decode_shaped, DECODE_SHAPED_SESSIONS, 1),
+                                             (decode_shaped_gqa, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND)], threads, probes)
         cold_call_us[threads] = _sig(statistics.median(probes))
-        for kernel, points in gqa_calls.items():  # the q4_0 GEMVs and the serial ops have points from both
-            decode_calls.setdefault(kernel, []).extend(points)
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")

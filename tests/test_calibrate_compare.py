@@ -336,7 +336,7 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
     monkeypatch.setattr(calibrate, "DECODE_SHAPED_STEPS", 2)
     set_threads(1)
     probes = []
-    calls = calibrate._decode_shaped_calls(calibrate._decode_shaped_weights(TINY), 1, probes=probes)
+    calls = calibrate._decode_shaped_calls([(calibrate._decode_shaped_weights(TINY), calibrate.DECODE_SHAPED_SESSIONS, 1)], 1, probes)
     assert len(probes) == 4 * 2 * 2 and all(p > 0 for p in probes)  # a cold-call probe before each step: 4 sessions x 2 contexts x 2 steps
     kernels = {"rmsnorm", "rope", "residual_add", "silu_mul", "argmax", "gemv.q4_0"} | {f"kv_append.{f}" for f in ("f16", "q8_0", "f32")}
     attention = {f"attention.{f}.gqa" for f in ("f16", "q8_0", "f32")}  # TINY has 4 heads over 2 kv heads
@@ -351,3 +351,53 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
     assert by_context("rmsnorm")[0].kv_bytes == round(8 * kv_values * (2 + 34 / 32 + 4 + 2) / 4)
     assert sorted(p.cost.kv_bytes for p in calls["attention.f16.gqa"]) == [8 * kv_values * 2, 40 * kv_values * 2]
     assert calls["rmsnorm"][0].cost.flops > 0 and calls["kv_append.f32"][0].cost.flops == 0
+
+
+def test_decode_shaped_calls_keep_each_models_points_apart_and_step_a_model_more_often(monkeypatch):
+    """Two models' sessions take turns: a kernel both run has a point per model and context (not one
+    pooling both models' calls), and a model stepping 3 times a round gets 3 times the steps."""
+    from perfsim.kernels.jit import set_threads
+
+    monkeypatch.setattr(calibrate, "DECODE_SHAPED_CONTEXTS", (8, 40))
+    monkeypatch.setattr(calibrate, "DECODE_SHAPED_STEPS", 2)
+    set_threads(1)
+    wide = ModelSpec("wide", n_layers=2, hidden_size=256, n_heads=4, n_kv_heads=1, intermediate_size=512, vocab_size=320, max_context=64)
+    sessions = (("f16", "q4_0"),)
+    probes = []
+    calls = calibrate._decode_shaped_calls([(calibrate._decode_shaped_weights(TINY, sessions), sessions, 1),
+                                            (calibrate._decode_shaped_weights(wide, sessions), sessions, 3)], 1, probes)
+    assert len(probes) == (1 + 3) * 2 * 2  # per model: steps a round x 2 contexts x 2 rounds
+    assert len(calls["rmsnorm"]) == 2 * 2 and len(calls["gemv.q4_0"]) == 2 * 5 * 2
+    kv_per_position = {m.name: m.n_kv_heads * m.head_dim * 2 * 2 for m in (TINY, wide)}
+    assert sorted(p.kv_bytes for p in calls["rmsnorm"]) == sorted(c * v for c in (8, 40) for v in kv_per_position.values())
+
+
+def test_serial_call_times_pool_a_common_kernels_calls_over_every_group(monkeypatch):
+    """rmsnorm runs in each of the 4 groups (one per embedding format); a burst that holds its whole
+    first group must not set its time: the median is over its calls in all 4 groups."""
+    monkeypatch.setattr(calibrate, "SERIAL_ROUNDS", 5)
+    clock = {"now": 0.0, "group": -1}
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock["now"])
+
+    def call(seconds_in_group):
+        def run():
+            clock["now"] += seconds_in_group(clock["group"])
+        return calibrate.Call(run)
+
+    rmsnorm = calibrate.KernelBench("rmsnorm", False, None, call(lambda g: 1.0 if g == 0 else 0.001), 1.0, call(lambda g: 0.0005))
+    benches = [rmsnorm]
+    benches += [calibrate.KernelBench(f"kv_append.{f}", False, None, call(lambda g: 0.002), 1.0, call(lambda g: 0.001)) for f in ("f16", "q8_0", "f32")]
+    benches += [calibrate.KernelBench(f"embedding.{f}", False, None, call(lambda g: 0.003), 1.0, call(lambda g: 0.001))
+                for f in ("q4_0", "q8_0", "f16", "f32")]
+
+    class Producer:  # before() is asked once per call, size and group: rmsnorm's in_cache call opens each group
+        def before(self, c, threads):
+            if c is rmsnorm.in_cache:
+                clock["group"] += 1
+            return lambda: None
+
+    times = calibrate._serial_call_times(benches, Producer(), 1)
+    assert clock["group"] == 3  # four groups
+    # 5 rounds a group: 5 slow calls (1 s) in group 0, 15 fast ones (1 ms) in the others
+    assert times[id(rmsnorm.in_cache)] == pytest.approx(0.001)
+    assert times[id(rmsnorm.in_cache_quarter)] == pytest.approx(0.0005)
