@@ -509,6 +509,41 @@ def kv_append(cache: KVCache, layer: int, pos: int, k_new, v_new) -> None:
         _append_q8_0(k_new.reshape(blocks), v_new.reshape(blocks), cache.k, cache.k_scale, cache.v, cache.v_scale, layer, pos)
 
 
+@jit()
+def _store_f16(k_new, v_new, k_cache, v_cache, layer, start):
+    for t in range(k_new.shape[0]):
+        _append_f16(k_new[t], v_new[t], k_cache, v_cache, layer, start + t)
+
+
+@jit()
+def _store_f32(k_new, v_new, k_cache, v_cache, layer, start):
+    for t in range(k_new.shape[0]):
+        _append_f32(k_new[t], v_new[t], k_cache, v_cache, layer, start + t)
+
+
+@jit(fastmath=False)
+def _store_many_q8_0(k_new, v_new, k_cache, k_scale, v_cache, v_scale, layer, start):
+    for t in range(k_new.shape[0]):
+        _append_q8_0(k_new[t], v_new[t], k_cache, k_scale, v_cache, v_scale, layer, start + t)
+
+
+def kv_store(cache: KVCache, layer: int, start: int, k_new, v_new) -> None:
+    """Positions start .. start+n-1 of one layer: k_new, v_new f32[n, n_kv_heads, head_dim], each position
+    written exactly as kv_append writes it. One call for a cache's worth of positions: filling Phi-3
+    Mini's cache to 4096 positions through kv_append made 131072 calls, ~15 us of Python each."""
+    n = k_new.shape[0]
+    if not (0 <= start and start + n <= cache.max_context):
+        raise ValueError(f"positions {start}..{start + n - 1} are outside the cache (max_context {cache.max_context})")
+    if cache.kv_format == F16:
+        _store_f16(k_new, v_new, cache.k, cache.v, layer, start)
+    elif cache.kv_format == F32:
+        _store_f32(k_new, v_new, cache.k, cache.v, layer, start)
+    else:
+        blocks = (n, cache.n_kv_heads, cache.head_dim // Q8_BLOCK, Q8_BLOCK)
+        _store_many_q8_0(np.ascontiguousarray(k_new).reshape(blocks), np.ascontiguousarray(v_new).reshape(blocks),
+                         cache.k, cache.k_scale, cache.v, cache.v_scale, layer, start)
+
+
 def attention(q, cache: KVCache, layer: int, n_positions: int, out) -> None:
     """out f32[n_heads, head_dim] = attention of q f32[n_heads, head_dim] over positions 0..n_positions-1.
 
@@ -560,12 +595,12 @@ def kv_append_cost(n_kv_heads, head_dim, kv_format: QuantFormat | str = F16) -> 
 
 
 def filled_kv_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format, seed=0) -> KVCache:
-    """A cache whose every position holds random K and V (N(0,1)), written through kv_append."""
+    """A cache whose every position holds random K and V (N(0,1)), written as kv_append writes them."""
     rng = np.random.default_rng(seed)
     cache = new_kv_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format)
     for layer in range(n_layers):
-        for pos in range(max_context):
-            kv_append(cache, layer, pos, *rng.standard_normal((2, n_kv_heads, head_dim), np.float32))
+        kv = rng.standard_normal((max_context, 2, n_kv_heads, head_dim), np.float32)
+        kv_store(cache, layer, 0, kv[:, 0], kv[:, 1])
     return cache
 
 

@@ -193,7 +193,7 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
     """Attention of 16 query heads of 128 over 16 / group kv heads: no Phi-3 model has this shape, so
     the calibration must carry over. Grouped-query attention reuses each K/V row for `group` heads
     from L1, a different compute roof, calibrated on its own (kernel key attention.FORMAT.gqa)."""
-    from perfsim.kernels.attention import attention, attention_cost, kv_append, new_kv_cache
+    from perfsim.kernels.attention import attention, attention_cost, kv_append, kv_store, new_kv_cache
 
     n_heads, head_dim = 16, 128
     n_kv_heads = n_heads // group
@@ -202,8 +202,9 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
         cache = new_kv_cache(n_layers, n_kv_heads, n_positions, head_dim, fmt)
         rng = np.random.default_rng(0)
         for layer in range(n_layers):
-            for pos in range(n_positions):
-                kv_append(cache, layer, pos, *rng.standard_normal((2, n_kv_heads, head_dim), dtype=np.float32))
+            for start in range(0, n_positions, 4096):  # 4096 positions per draw keeps temporaries small
+                kv = rng.standard_normal((min(4096, n_positions - start), 2, n_kv_heads, head_dim), dtype=np.float32)
+                kv_store(cache, layer, start, kv[:, 0], kv[:, 1])
         return cache
 
     q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)

@@ -261,3 +261,21 @@ def test_kv_append_cost():
 
 def test_validate_passes():
     at.validate()
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_kv_store_writes_each_position_as_kv_append_does(kv_format):
+    """Positions 3..9 of layer 1 through one kv_store call: byte for byte what seven kv_append calls
+    write, non-contiguous K and V views included (fill_cache passes kv[:, 0] and kv[:, 1]), and nothing
+    outside those positions."""
+    kv = np.random.default_rng(5).standard_normal((7, 2, 4, 64)).astype(np.float32) * 4
+    one_call = at.new_kv_cache(2, 4, 12, 64, kv_format)
+    at.kv_store(one_call, 1, 3, kv[:, 0], kv[:, 1])
+    by_position = at.new_kv_cache(2, 4, 12, 64, kv_format)
+    for t in range(7):
+        at.kv_append(by_position, 1, 3 + t, kv[t, 0], kv[t, 1])
+    for a, b in zip(one_call.arrays, by_position.arrays):
+        np.testing.assert_array_equal(a, b)
+    assert not one_call.arrays[0][1, :, :3].any() and not one_call.arrays[0][1, :, 10:].any() and not one_call.arrays[0][0].any()
+    with pytest.raises(ValueError):
+        at.kv_store(one_call, 0, 6, kv[:, 0], kv[:, 1])  # 6..12 runs past the 12-position cache
