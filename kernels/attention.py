@@ -510,19 +510,19 @@ def kv_append(cache: KVCache, layer: int, pos: int, k_new, v_new) -> None:
 
 
 @jit()
-def _store_f16(k_new, v_new, k_cache, v_cache, layer, start):
+def _store_positions_f16(k_new, v_new, k_cache, v_cache, layer, start):
     for t in range(k_new.shape[0]):
         _append_f16(k_new[t], v_new[t], k_cache, v_cache, layer, start + t)
 
 
 @jit()
-def _store_f32(k_new, v_new, k_cache, v_cache, layer, start):
+def _store_positions_f32(k_new, v_new, k_cache, v_cache, layer, start):
     for t in range(k_new.shape[0]):
         _append_f32(k_new[t], v_new[t], k_cache, v_cache, layer, start + t)
 
 
 @jit(fastmath=False)
-def _store_many_q8_0(k_new, v_new, k_cache, k_scale, v_cache, v_scale, layer, start):
+def _store_positions_q8_0(k_new, v_new, k_cache, k_scale, v_cache, v_scale, layer, start):
     for t in range(k_new.shape[0]):
         _append_q8_0(k_new[t], v_new[t], k_cache, k_scale, v_cache, v_scale, layer, start + t)
 
@@ -535,12 +535,12 @@ def kv_store(cache: KVCache, layer: int, start: int, k_new, v_new) -> None:
     if not (0 <= start and start + n <= cache.max_context):
         raise ValueError(f"positions {start}..{start + n - 1} are outside the cache (max_context {cache.max_context})")
     if cache.kv_format == F16:
-        _store_f16(k_new, v_new, cache.k, cache.v, layer, start)
+        _store_positions_f16(k_new, v_new, cache.k, cache.v, layer, start)
     elif cache.kv_format == F32:
-        _store_f32(k_new, v_new, cache.k, cache.v, layer, start)
+        _store_positions_f32(k_new, v_new, cache.k, cache.v, layer, start)
     else:
         blocks = (n, cache.n_kv_heads, cache.head_dim // Q8_BLOCK, Q8_BLOCK)
-        _store_many_q8_0(np.ascontiguousarray(k_new).reshape(blocks), np.ascontiguousarray(v_new).reshape(blocks),
+        _store_positions_q8_0(np.ascontiguousarray(k_new).reshape(blocks), np.ascontiguousarray(v_new).reshape(blocks),
                          cache.k, cache.k_scale, cache.v, cache.v_scale, layer, start)
 
 
