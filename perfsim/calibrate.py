@@ -35,7 +35,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 17  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 18  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -245,6 +245,50 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
     if kernel in DECODE_FITTED_KERNELS:  # fixed cost and overlap come from decode, only the compute roof from here
         return KernelBench(kernel, True, None, *in_cache)
     return KernelBench(kernel, True, Call(cold_tiny()), *in_cache, bench(3, dram_positions), 3, cost(dram_positions).flops, cost(dram_positions).bytes)
+
+
+ATTENTION_HEAD_DIMS = (64, 80, 96)  # multi-head f16 attention's time factor is measured at these, against 128
+HEAD_DIM_POSITIONS = 4096  # positions of each head_dim's cache: 8-17 MB a layer, so its fixed cost is ~1-2% of a call
+HEAD_DIM_ROUNDS = 40  # 9 rounds (0.1 s) gave head_dim 96 a factor of 1.02-1.23 from one run to the next; 40, 1.04-1.10
+
+
+def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int = 2) -> dict:
+    """{head_dim: factor} for multi-head attention over an f16 cache: its time per K/V byte at each of
+    ATTENTION_HEAD_DIMS over its time per K/V byte at 128, the head_dim of the decode-shaped model its
+    roofs are fitted on. Calls at the four head_dims take turns, rotating over layers, so each reads
+    its K/V from DRAM (the others' 200+ MB pass between), as decode reads it; the median of rounds.
+    Measured: rows of 96 streamed at 0.68 of the read on one thread and 0.76 on two, rows of 128 at 0.75
+    and 0.83; the per-byte roofline had phi-3-mini's attention (96) 7% fast on average over eight rounds
+    of sweeps (13% on two threads), and phi-3-small's (128) +2%."""
+    from perfsim.kernels.attention import attention, attention_cost, new_kv_cache
+    from perfsim.kernels.jit import set_threads
+
+    set_threads(threads)
+    rng = np.random.default_rng(0)
+    # N(0,1) f16 values, each stretch of the caches a window at a random offset into one pool (what the
+    # cache holds does not change the speed; drawing all 96M values took 2 s)
+    pool = rng.standard_normal(2**20, dtype=np.float32).astype(np.float16).view(np.uint16)
+    runs = []
+    for head_dim in ATTENTION_HEAD_DIMS + (128,):
+        cache = new_kv_cache(n_layers, n_heads, HEAD_DIM_POSITIONS, head_dim, "f16")
+        for array in cache.arrays:
+            flat = array.reshape(-1)
+            for start in range(0, flat.size, pool.size // 2):
+                n = min(pool.size // 2, flat.size - start)
+                offset = int(rng.integers(0, pool.size - n + 1))
+                flat[start : start + n] = pool[offset : offset + n]
+        q = rng.standard_normal((n_heads, head_dim)).astype(np.float32)
+        out = np.empty_like(q)
+        attention(q, cache, 0, HEAD_DIM_POSITIONS, out)  # compiles or loads from Numba's cache
+        runs.append((head_dim, cache, q, out, attention_cost(n_heads, n_heads, head_dim, HEAD_DIM_POSITIONS).kv_bytes, []))
+    for _ in range(HEAD_DIM_ROUNDS):
+        for layer in range(n_layers):
+            for head_dim, cache, q, out, kv_bytes, seconds_per_byte in runs:
+                start = time.perf_counter()
+                attention(q, cache, layer, HEAD_DIM_POSITIONS, out)
+                seconds_per_byte.append((time.perf_counter() - start) / kv_bytes)
+    per_byte = {head_dim: statistics.median(samples) for head_dim, _, _, _, _, samples in runs}
+    return {head_dim: _sig(per_byte[head_dim] / per_byte[128]) for head_dim in ATTENTION_HEAD_DIMS}
 
 
 def _serial_benches() -> list[KernelBench]:
@@ -670,6 +714,8 @@ def measure_host(progress=None) -> dict:
             report(done, total, f"{bench.kernel}, {threads} threads")
             set_threads(threads)
             kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, None, decode_calls.get(bench.kernel))
+            if bench.kernel == "attention.f16":  # multi-head, fitted at head_dim 128
+                kernel_roofs[bench.kernel][threads]["time_factor_by_head_dim"] = _attention_head_dim_factors(threads)
             done += 1
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)

@@ -56,6 +56,10 @@ class KernelRoof:
     # Serial kernels: the fixed cost grows with the K/V a layer's attention reads (decimal MB), that is
     # with the context (Phi-3 Mini's serial ops: 15-20% more a call at context 4096 than at 128).
     overhead_us_per_kv_mb: float = 0.0
+    # Multi-head attention: {head_dim: time beyond the fixed cost per K/V byte, over the same at the head_dim
+    # the roof was fitted at (128)}, measured by microbenchmark. Rows of 96 f16 values streamed at 0.68 of
+    # the read on one thread, against 0.75 for rows of 128; the per-byte roofline has no term for that.
+    time_factor_by_head_dim: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,19 @@ def _thread_counts(fields: Fields) -> list:
     return list(fields.data)
 
 
+def _factors_by_head_dim(f: Fields, key: str) -> dict:
+    """{head_dim: positive number} under `key`, if present."""
+    factors = f.mapping(key, required=False)
+    if factors is None:
+        return {}
+    for head_dim in factors.data:
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
+            factors.fail(str(head_dim), "expected a head_dim (a whole number >= 1) as the key")
+    out = {head_dim: factors.number(head_dim, exclusive_minimum=0) for head_dim in list(factors.data)}
+    factors.done()
+    return out
+
+
 def _numbers_by_threads(f: Fields, key: str) -> dict:
     """{thread count: positive number} under `key`, if present."""
     fields = f.mapping(key, required=False)
@@ -137,7 +154,8 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
-                                        roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0))
+                                        roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0),
+                                        _factors_by_head_dim(roof, "time_factor_by_head_dim"))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

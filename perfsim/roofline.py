@@ -30,7 +30,9 @@ class Roofs:
     bandwidth_bytes_per_s: float
     flops_per_s: tuple  # achievable, ((precision, FLOP/s), ...) for f32, f16, int8
     overhead_s_per_op: float
-    kernels: tuple = ()  # calibrated hosts: ((kernel, FLOP/s, overlap, overhead s, overhead s per K/V byte a layer's attention reads), ...), used before the above
+    # calibrated hosts, used before the above: ((kernel, FLOP/s, overlap, overhead s, overhead s per K/V byte a
+    # layer's attention reads, ((head_dim, time factor), ...)), ...)
+    kernels: tuple = ()
 
     def flops(self, precision: str) -> float:
         return dict(self.flops_per_s)[precision]
@@ -66,7 +68,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
         share = 1.0
     flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
     kernels = tuple(
-        (kernel, r.gflops * 1e9, r.overlap, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12)
+        (kernel, r.gflops * 1e9, r.overlap, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12, tuple(sorted(r.time_factor_by_head_dim.items())))
         for kernel, by_threads in unit.kernel_roofs.items()
         if (r := by_threads.get(threads)) is not None
     )
@@ -74,8 +76,10 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
 
 
 def _roofs_by_op(roofs: Roofs):
-    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s, overhead s per byte of K/V a layer's attention reads)})."""
-    return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, {k[0]: k[1:] for k in roofs.kernels}
+    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s, overhead s per byte of K/V
+    a layer's attention reads, {head_dim: time factor})})."""
+    kernels = {k[0]: (*k[1:5], dict(k[5])) for k in roofs.kernels}
+    return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, kernels
 
 
 class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of them a second
@@ -92,12 +96,14 @@ def _op_terms(ops: tuple, roofs: Roofs):
     unit has them, else the unit's roofs for the op's precision."""
     flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
     for op in ops:
+        factor = 1.0
         if op.kernel in kernels:
-            op_flops_per_s, overlap, op_overhead, overhead_per_kv_byte = kernels[op.kernel]
+            op_flops_per_s, overlap, op_overhead, overhead_per_kv_byte, factors = kernels[op.kernel]
             op_overhead += overhead_per_kv_byte * op.layer_kv_bytes
+            factor = factors.get(op.head_dim, 1.0)
         else:
             op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
-        yield op, op.flops / op_flops_per_s, op.bytes / bandwidth, overlap, op_overhead * op.count
+        yield op, factor * op.flops / op_flops_per_s, factor * op.bytes / bandwidth, overlap, op_overhead * op.count
 
 
 def decode_time_s(ops: tuple, roofs: Roofs) -> float:

@@ -38,6 +38,7 @@ class Op:
     # Serial ops: the K/V bytes one layer's attention reads at this context; a calibrated host's fixed cost
     # per call grows with it (perfsim.calibrate). 0 otherwise.
     layer_kv_bytes: int = 0
+    head_dim: int = 0  # attention ops: the model's; a calibrated host's attention roofs may depend on it
     # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
     flops: float = field(init=False)
     bytes: int = field(init=False)
@@ -91,7 +92,7 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
 
     gemvs = {name: layer_gemv(name) for name in matrices}
     attention_op = Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache),
-                      "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads))
+                      "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads), head_dim=model.head_dim)
     layer_kv_bytes = attention_op.cost.kv_bytes
 
     def serial(name, kind, cost, count, kernel):

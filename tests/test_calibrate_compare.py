@@ -401,3 +401,32 @@ def test_serial_call_times_pool_a_common_kernels_calls_over_every_group(monkeypa
     # 5 rounds a group: 5 slow calls (1 s) in group 0, 15 fast ones (1 ms) in the others
     assert times[id(rmsnorm.in_cache)] == pytest.approx(0.001)
     assert times[id(rmsnorm.in_cache_quarter)] == pytest.approx(0.0005)
+
+
+def test_attention_head_dim_factors_are_time_per_kv_byte_over_that_at_128(monkeypatch):
+    """A fake attention whose seconds per K/V byte are 1.3x, 1.2x and 1.1x at head_dims 64, 80 and 96
+    what they are at 128: the factors come out as exactly those."""
+    import perfsim.kernels.attention as at
+
+    monkeypatch.setattr(calibrate, "HEAD_DIM_POSITIONS", 64)
+    monkeypatch.setattr(calibrate, "HEAD_DIM_ROUNDS", 3)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: clock["now"])
+    per_byte_s = {64: 1.3e-9, 80: 1.2e-9, 96: 1.1e-9, 128: 1.0e-9}
+
+    def fake_attention(q, cache, layer, n_positions, out):
+        clock["now"] += per_byte_s[cache.head_dim] * at.attention_cost(q.shape[0], cache.n_kv_heads, cache.head_dim, n_positions).kv_bytes
+
+    monkeypatch.setattr(at, "attention", fake_attention)
+    factors = calibrate._attention_head_dim_factors(1, n_heads=2)
+    assert factors == {64: pytest.approx(1.3), 80: pytest.approx(1.2), 96: pytest.approx(1.1)}
+
+
+def test_a_calibrated_profile_carries_multi_head_attentions_head_dim_factors():
+    """What calibrate writes, the loader reads back into the roof the roofline uses."""
+    data = fake_profile()
+    unit = data["units"]["cpu"]
+    unit["kernel_roofs"] = {"attention.f16": {1: {"gflops": 30.0, "overlap": 0.4, "overhead_us": 20.0,
+                                                  "time_factor_by_head_dim": {64: 1.2, 80: 1.1, 96: 1.07}}}}
+    device = calibrate.device_from_data(data, "host.yaml")
+    assert device.unit().kernel_roofs["attention.f16"][1].time_factor_by_head_dim == {64: 1.2, 80: 1.1, 96: 1.07}

@@ -1,6 +1,7 @@
 """The workload's byte and FLOP counts, pinned by hand arithmetic, and the roofline on a device whose
 answer can be worked out on paper."""
 
+import dataclasses
 
 import pytest
 
@@ -132,6 +133,32 @@ def test_a_calibrated_serial_kernel_costs_more_per_call_the_more_k_v_a_layers_at
         assert norm.time_s == pytest.approx(roof_s + 32 * (5e-6 + 0.1e-6 * kv_bytes / 1e6))
     (qkv,) = [op for op in decode_ops(MINI, Formats(), 4000) if op.name == "attn_qkv"]
     assert qkv.layer_kv_bytes == 0  # a GEMV's fixed cost is its own
+
+
+def test_a_calibrated_attention_time_factor_applies_at_its_head_dim_only():
+    """Paper arithmetic: attention.f16 (multi-head) 10 GFLOP/s, overlap 0.5, 20 us a call; at head_dim 96
+    its roof time is 1.1x, the fixed cost not. Phi-3 Mini (head_dim 96) gets the factor; a model of the
+    same heads at head_dim 128 does not, nor does Mini's grouped-query cousin's kernel (.gqa)."""
+    roof = {"gflops": 10.0, "overlap": 0.5, "overhead_us": 20.0, "time_factor_by_head_dim": {96: 1.1, 64: 1.3}}
+    data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"attention.f16": {1: roof}})})
+    device = device_from_data(data, "paper.yaml")
+    wide = dataclasses.replace(MINI, name="mini at head_dim 128", hidden_size=32 * 128, head_dim=128)
+    for model, factor in ((MINI, 1.1), (wide, 1.0)):
+        p = predict(model, Formats(), device, context=2048, threads=1)
+        (attention,) = [t for t in p.ops if t.op.name == "attention"]
+        assert attention.op.head_dim == model.head_dim
+        memory_s, compute_s = attention.op.bytes / 40e9, attention.op.flops / 10e9
+        roof_s = max(memory_s, compute_s) + 0.5 * min(memory_s, compute_s)
+        assert attention.time_s == pytest.approx(factor * roof_s + 32 * 20e-6)
+
+
+def test_a_time_factor_by_head_dim_must_be_positive_numbers_by_whole_head_dims():
+    for factors, expected in (({96: 0}, "> 0"), ({"96": 1.1}, "head_dim"), ({96: "fast"}, "number")):
+        roof = {"gflops": 10.0, "overlap": 0.5, "overhead_us": 20.0, "time_factor_by_head_dim": factors}
+        data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"attention.f16": {1: roof}})})
+        with pytest.raises(UserError, match=expected) as e:
+            device_from_data(data, "paper.yaml")
+        assert "time_factor_by_head_dim" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_cpu_bandwidth_saturates_with_threads():
