@@ -12,7 +12,9 @@ What is measured, at each thread count, and never the end-to-end decode it is la
     those ops cost depends on what runs between them, and stand-ins for that (a producer stream, sweeps
     in a loop of their own) missed by up to 2x, or swung from one calibration to the next. The other
     formats' kernels keep the microbenchmark fits (a tiny problem after a streaming read; attention on
-    cold K/V rows; sweeps over operands 3x the L3).
+    cold K/V rows; sweeps over operands 3x the L3);
+  - multi-head f16 attention's time per K/V byte at other head_dims (64, 80, 96) over its time at 128,
+    the head_dim of the decode-shaped model its roofs are fitted on (_attention_head_dim_factors).
 The profile has the schema of devices/*.yaml (plus `kernel_roofs` and `calibration`) and is written
 to a temporary file then renamed, so an interrupted run never leaves a half-written profile.
 """
