@@ -9,7 +9,7 @@ them together at most `bandwidth_efficiency` x the memory peak (or a measured ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import NamedTuple
 
@@ -33,6 +33,12 @@ class Roofs:
     # calibrated hosts, used before the above: ((kernel, FLOP/s, overlap, overhead s, overhead s per K/V byte a
     # layer's attention reads, ((head_dim, time factor), ...)), ...)
     kernels: tuple = ()
+    # Derived once: {kernel: (FLOP/s, overlap, overhead s, overhead s per K/V byte, {head_dim: time factor})},
+    # read by every prediction (built per prediction, it cost ~16 us of a ~30 us one).
+    by_kernel: dict = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "by_kernel", {k[0]: (*k[1:5], dict(k[5])) for k in self.kernels})
 
     def flops(self, precision: str) -> float:
         return dict(self.flops_per_s)[precision]
@@ -78,8 +84,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
 def _roofs_by_op(roofs: Roofs):
     """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s, overhead s per byte of K/V
     a layer's attention reads, {head_dim: time factor})})."""
-    kernels = {k[0]: (*k[1:5], dict(k[5])) for k in roofs.kernels}
-    return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, kernels
+    return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, roofs.by_kernel
 
 
 class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of them a second
@@ -93,7 +98,8 @@ class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of t
 
 def _op_terms(ops: tuple, roofs: Roofs):
     """Per op: (op, compute_s, memory_s, overlap, overhead_s), the calibrated kernel's roofs when the
-    unit has them, else the unit's roofs for the op's precision."""
+    unit has them, else the unit's roofs for the op's precision. A calibrated kernel's time factor for the
+    op's head_dim (multi-head attention) scales its compute and memory times, not its fixed cost."""
     flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
     for op in ops:
         factor = 1.0
