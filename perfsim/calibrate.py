@@ -37,7 +37,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 18  # bump whenever what is measured changes: older profiles are re-measured
+CALIBRATION_VERSION = 19  # bump whenever what is measured changes: older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -45,6 +45,7 @@ CACHE_BYTES = 4 * 2**20
 PRODUCER_BYTES = 8 * 2**20  # streamed before each timed serial in-cache call (Producer): a quarter of the L3, a 4096x4096 q4_0 GEMV
 PRODUCER_REGIONS = 4  # the producer's buffer holds this many regions, read in turn: each read comes from DRAM
 SERIAL_ROUNDS = 21  # rounds of the serial kernels' in-cache calls in turn (_serial_call_times)
+SERIAL_OUTLIER_RATIO = 3.0  # a serial op's decode point beyond this multiple of its model's short-context one is left out (_roof_from_decode)
 OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is the median of
 
 # The fixed costs of the serial ops (norms, RoPE, kv_append, residual adds, SiLU, embedding, argmax), and
@@ -467,6 +468,7 @@ class DecodeShapedPoint:
     kv_bytes: int  # K/V bytes a layer's attention reads at this point's context (Op.layer_kv_bytes)
     stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
     cold_call_us: float = 0.0  # median of the cold-call probes run before the steps (0: none)
+    model: int = 0  # which decode-shaped model (_decode_shaped_calls' `models` index)
 
     def roofs_s(self, gflops: float) -> tuple:
         """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes."""
@@ -534,7 +536,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     for key, context in samples:
         points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
-            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context])))
+            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0]))
     return points
 
 
@@ -597,13 +599,21 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     thread, in this 4-layer model as in Phi-3 Mini, and the q4_0 GEMVs' overlap came out 0.03-0.35
     from one calibration to the next."""
     if not parallel:
-        rows, excess = [], []
+        excess = []
         for p in points:
-            roof_s = max(p.roofs_s(gflops))
             scale = cold_call_us / p.cold_call_us if cold_call_us > 0 and p.cold_call_us > 0 else 1.0
-            rows.append((p.kv_bytes,))
-            excess.append((p.seconds - roof_s) * scale)
-        overhead_s, (per_kv_byte_s,) = _nonnegative_line(rows, excess)
+            excess.append((p.seconds - max(p.roofs_s(gflops))) * scale)
+        # A model's longer-context point costing over SERIAL_OUTLIER_RATIO x its shorter one is left out:
+        # kv_append now and then runs 5-30x its usual cost over a whole session at context 4000 (312 us
+        # against 17-19 us at 128 and in the other model; 0-3 page faults a step, so not a first touch),
+        # and one such calibration over-predicted phi-3-mini's serial ops by up to 475%. Its usual growth
+        # from 128 to 4000 positions is 1.1-1.6x.
+        kept = []
+        for model in sorted({p.model for p in points}):
+            own = sorted((i for i, p in enumerate(points) if p.model == model), key=lambda i: points[i].kv_bytes)
+            shortest = excess[own[0]]
+            kept += [i for i in own if not (shortest > 0 and excess[i] > SERIAL_OUTLIER_RATIO * shortest)]
+        overhead_s, (per_kv_byte_s,) = _nonnegative_line([(points[i].kv_bytes,) for i in kept], [excess[i] for i in kept])
         return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
                 "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12)}
     # A kernel whose every call in decode is compute-bound by its in-cache roof (grouped-query attention:

@@ -244,19 +244,26 @@ def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_k_v_bytes_over_both_
     bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, 3e5, quarter)
     times = {id(in_cache): 7e-6, id(quarter): 4e-6}
 
-    def point(op_bytes, kv_bytes, probe_us):
+    def point(op_bytes, kv_bytes, probe_us, model, extra_s=0.0):
         cost = Cost(flops=op_bytes / 3, act_bytes=op_bytes)
         roof_s = max(cost.flops / flops_per_s, op_bytes / 18e9)
         beyond_s = (3e-6 + 0.04e-6 * kv_bytes / 1e6) * probe_us / 20.0
-        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, kv_bytes, 18.0, probe_us)
+        return calibrate.DecodeShapedPoint(roof_s + beyond_s + extra_s, cost, kv_bytes, 18.0, probe_us, model)
 
-    points = [point(36_000, 1_000_000, 20.0), point(36_000, 41_000_000, 20.0), point(54_000, 400_000, 40.0), point(54_000, 12_000_000, 40.0)]
+    points = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0), point(54_000, 400_000, 40.0, 1), point(54_000, 12_000_000, 40.0, 1)]
     roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
     assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
     assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     # the same calls read against a probe of 40 us all through: the first model's now count double
     unscaled = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=40.0)
     assert unscaled["overhead_us"] == pytest.approx(6.0, rel=1e-3) and unscaled["overhead_us_per_kv_mb"] == pytest.approx(0.08, rel=1e-3)
+    # The first model's long context ran 300 us slower a call (kv_append's rare 10x): over 3x its own
+    # short context, it is left out and the other three give the same line. 4 us slower (2.8x) is kept.
+    slow = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0, 300e-6)] + points[2:]
+    left_out = calibrate._kernel_roof(bench, None, None, 1, times, slow, cold_call_us=20.0)
+    assert left_out["overhead_us"] == pytest.approx(3.0, rel=1e-3) and left_out["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
+    kept = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0, 4e-6)] + points[2:]
+    assert calibrate._kernel_roof(bench, None, None, 1, times, kept, cold_call_us=20.0)["overhead_us_per_kv_mb"] > 0.1
 
 
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
