@@ -604,7 +604,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
             scale = cold_call_us / p.cold_call_us if cold_call_us > 0 and p.cold_call_us > 0 else 1.0
             excess.append((p.seconds - max(p.roofs_s(gflops))) * scale)
         # A model's longer-context point costing over SERIAL_OUTLIER_RATIO x its shorter one is left out:
-        # kv_append now and then runs 5-30x its usual cost over a whole session at context 4000 (312 us
+        # kv_append now and then runs 3-18x its usual cost over a whole session at context 4000 (312 us
         # against 17-19 us at 128 and in the other model; 0-3 page faults a step, so not a first touch),
         # and one such calibration over-predicted phi-3-mini's serial ops by up to 475%. Its usual growth
         # from 128 to 4000 positions is 1.1-1.6x.
