@@ -196,18 +196,14 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
     """Attention of 16 query heads of 128 over 16 / group kv heads: no Phi-3 model has this shape, so
     the calibration must carry over. Grouped-query attention reuses each K/V row for `group` heads
     from L1, a different compute roof, calibrated on its own (kernel key attention.FORMAT.gqa)."""
-    from perfsim.kernels.attention import attention, attention_cost, kv_append, kv_store, new_kv_cache
+    from perfsim.kernels.attention import attention, attention_cost, fill_random_kv, kv_append, new_kv_cache
 
     n_heads, head_dim = 16, 128
     n_kv_heads = n_heads // group
 
     def cache_of(n_layers, n_positions):
         cache = new_kv_cache(n_layers, n_kv_heads, n_positions, head_dim, fmt)
-        rng = np.random.default_rng(0)
-        for layer in range(n_layers):
-            for start in range(0, n_positions, 4096):  # 4096 positions per draw keeps temporaries small
-                kv = rng.standard_normal((min(4096, n_positions - start), 2, n_kv_heads, head_dim), dtype=np.float32)
-                kv_store(cache, layer, start, kv[:, 0], kv[:, 1])
+        fill_random_kv(cache, n_positions)
         return cache
 
     q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)
@@ -263,23 +259,15 @@ def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int =
     Measured: rows of 96 streamed at 0.68 of the read on one thread and 0.76 on two, rows of 128 at 0.75
     and 0.83; the per-byte roofline had phi-3-mini's attention (96) 7% fast on average over eight rounds
     of sweeps (13% on two threads), and phi-3-small's (128) +2%."""
-    from perfsim.kernels.attention import attention, attention_cost, new_kv_cache
+    from perfsim.kernels.attention import attention, attention_cost, fill_random_kv, new_kv_cache
     from perfsim.kernels.jit import set_threads
 
     set_threads(threads)
     rng = np.random.default_rng(0)
-    # N(0,1) f16 values, each stretch of the caches a window at a random offset into one pool (what the
-    # cache holds does not change the speed; drawing all 96M values took 2 s)
-    pool = rng.standard_normal(2**20, dtype=np.float32).astype(np.float16).view(np.uint16)
     runs = []
     for head_dim in ATTENTION_HEAD_DIMS + (128,):
         cache = new_kv_cache(n_layers, n_heads, HEAD_DIM_POSITIONS, head_dim, "f16")
-        for array in cache.arrays:
-            flat = array.reshape(-1)
-            for start in range(0, flat.size, pool.size // 2):
-                n = min(pool.size // 2, flat.size - start)
-                offset = int(rng.integers(0, pool.size - n + 1))
-                flat[start : start + n] = pool[offset : offset + n]
+        fill_random_kv(cache, HEAD_DIM_POSITIONS)
         q = rng.standard_normal((n_heads, head_dim)).astype(np.float32)
         out = np.empty_like(q)
         attention(q, cache, 0, HEAD_DIM_POSITIONS, out)  # compiles or loads from Numba's cache

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from perfsim.errors import UserError
-from perfsim.kernels.attention import KVCache, attention, kv_append, kv_cache_format, kv_store, new_kv_cache
+from perfsim.kernels.attention import KVCache, attention, fill_random_kv, kv_append, kv_cache_format, new_kv_cache
 from perfsim.kernels.embedding import embedding_row
 from perfsim.kernels.elementwise import argmax, residual_add, rmsnorm, rope_rotate, rope_tables, silu_mul
 from perfsim.kernels.gemv import bind_gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0
@@ -176,9 +176,6 @@ class Engine:
         return Session(self, max_context)
 
 
-FILL_POOL_VALUES = 2**22  # Session.fill_cache draws its random K/V from windows into this many N(0,1) values
-
-
 class Session:
     """One sequence being decoded: its KV cache, its position, and scratch buffers."""
 
@@ -281,16 +278,5 @@ class Session:
         tokens to get there would take minutes."""
         if not 0 <= n_positions <= self.max_context:
             raise UserError(f"cannot fill {n_positions} positions of a {self.max_context}-position cache")
-        rng = np.random.default_rng(seed)
-        m = self.model
-        chunk_values = 256 * 2 * m.n_kv_heads * m.head_dim  # 256 positions per kv_store call keeps temporaries small
-        # Each chunk is a window at a random offset into one pool of N(0,1) draws: drawing every value took
-        # 9 s of Phi-3 Mini's 4096-position fill (802M values), most of a sweep point's time.
-        pool = rng.standard_normal(max(FILL_POOL_VALUES, 2 * chunk_values), dtype=np.float32)
-        for layer in range(m.n_layers):
-            for start in range(0, n_positions, 256):
-                n = min(256, n_positions - start)
-                offset = int(rng.integers(0, pool.size - chunk_values + 1))
-                kv = pool[offset : offset + n * 2 * m.n_kv_heads * m.head_dim].reshape(n, 2, m.n_kv_heads, m.head_dim)
-                kv_store(self.cache, layer, start, kv[:, 0], kv[:, 1])
+        fill_random_kv(self.cache, n_positions, seed)
         self.position = n_positions
