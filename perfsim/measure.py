@@ -39,6 +39,9 @@ class Measurement:
     # decode step takes a few (0-3 in each of 864 steps of 54 sweep points, Phi-3 Mini and Small): its
     # weights, K/V and scratch are mapped before; many more mean it paid for memory it did not ask for.
     step_page_faults: tuple = ()
+    # Seconds the hypervisor ran something else on this VM's vCPUs during each step (/proc/stat's steal
+    # column, all vCPUs summed; 10 ms ticks). A guest cannot see what its host does to it otherwise.
+    step_steal_s: tuple = ()
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -48,6 +51,12 @@ class Measurement:
     def ms_per_token(self) -> float:
         return 1e3 * statistics.median(self.step_seconds)
 
+    @property
+    def stolen_fraction(self) -> float:
+        """vCPU time the hypervisor took during the measured steps (all vCPUs summed) over their wall
+        time: a measurement taken while the host ran other guests on our vCPUs says more about them."""
+        return sum(self.step_steal_s) / sum(self.step_seconds) if self.step_steal_s else 0.0
+
     def op_time_s(self, name: str) -> float:
         return statistics.median(self.op_seconds[name])
 
@@ -55,6 +64,21 @@ class Measurement:
 def _page_faults() -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_minflt + usage.ru_majflt
+
+
+_TICKS_PER_S = []
+
+
+def _steal_s(path: str = "/proc/stat") -> float:
+    """Seconds stolen from all of this VM's vCPUs since boot (0.0 where /proc/stat has no steal column)."""
+    if not _TICKS_PER_S:
+        _TICKS_PER_S.append(os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+    try:
+        with open(path, encoding="ascii") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / _TICKS_PER_S[0] if fields[0] == "cpu" and len(fields) > 8 else 0.0
+    except (OSError, ValueError):
+        return 0.0
 
 
 def available_threads() -> int:
@@ -106,15 +130,16 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     session.position = first
     read_pass_gb_s(threads)  # compile or load the streaming kernel, fault its buffer in
     cold_call_probe_us()
-    token, steps, passes, probes, faults, ops = 1, [], [], [], [], {name: [] for name in session.op_seconds}
+    token, steps, passes, probes, faults, steals, ops = 1, [], [], [], [], [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
         passes.append(read_pass_gb_s(threads))
         probes.append(cold_call_probe_us())
-        faults_before = _page_faults()
+        faults_before, steal_before = _page_faults(), _steal_s()
         start = time.perf_counter()
         session.step(token)
         steps.append(time.perf_counter() - start)
         faults.append(_page_faults() - faults_before)
+        steals.append(_steal_s() - steal_before)
         token = session.next_token
         for name, seconds in session.op_seconds.items():
             ops[name].append(seconds)
@@ -134,6 +159,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         cold_call_us=statistics.median(probes),
         step_cold_call_us=tuple(probes),
         step_page_faults=tuple(faults),
+        step_steal_s=tuple(steals),
     )
 
 
@@ -201,6 +227,8 @@ def measurement_record(m: Measurement) -> dict:
         "cold_call_us": m.cold_call_us,
         "step_cold_call_us": list(m.step_cold_call_us),
         "step_page_faults": list(m.step_page_faults),
+        "step_steal_s": list(m.step_steal_s),
+        "stolen_fraction": m.stolen_fraction,
         "weights": m.weights_origin,
         "ops": [{"name": name, "kind": kinds[name], "time_s": m.op_time_s(name)} for name in m.op_seconds],
     }

@@ -64,6 +64,8 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "step_stream_gb_s": list(measurement.step_stream_gb_s),
                 "step_cold_call_us": list(measurement.step_cold_call_us),
                 "step_page_faults": list(measurement.step_page_faults),
+                "step_steal_s": list(measurement.step_steal_s),
+                "stolen_fraction": measurement.stolen_fraction,
                 "calibrated_cold_call_us": device.unit().cold_call_us_by_threads.get(t),
                 "seconds": time.perf_counter() - start,
             }

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -16,7 +17,7 @@ from perfsim.compare import coarse_groups, compare
 from perfsim.device import load_device_file
 from perfsim.engine import Engine
 from perfsim.errors import UserError
-from perfsim.measure import measure_decode
+from perfsim.measure import measure_decode, measurement_record
 from perfsim.model import ModelSpec
 from perfsim.report import comparison_record
 
@@ -113,6 +114,70 @@ def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypat
     faults = measurement.step_page_faults
     assert len(faults) == 4 and all(f >= 0 for f in faults)
     assert faults[1] >= 16 and faults[1] > max(faults[:1] + faults[2:])
+
+
+def test_steal_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
+    from perfsim.measure import _steal_s
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(f"cpu  4406418 96437 1036831 5828686 16999 0 6449 {3 * ticks} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert _steal_s(str(stat)) == pytest.approx(3.0)
+    stat.write_text("cpu  4406418 96437 1036831 5828686\n")  # a kernel without the column
+    assert _steal_s(str(stat)) == 0.0
+    assert _steal_s(str(tmp_path / "missing")) == 0.0
+
+
+def test_measured_decode_records_the_time_stolen_inside_each_step(monkeypatch):
+    from perfsim import engine as engine_module
+    from perfsim import measure
+
+    real_step, calls, stolen = engine_module.Session.step, [], [10.0]
+
+    def step(self, token):
+        calls.append(token)
+        out = real_step(self, token)
+        if len(calls) == 4:  # the warm-up, then the third measured step
+            stolen[0] += 0.25
+        return out
+
+    monkeypatch.setattr(engine_module.Session, "step", step)
+    monkeypatch.setattr(measure, "_steal_s", lambda: stolen[0])
+    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
+    assert measurement.step_steal_s == pytest.approx((0.0, 0.0, 0.25, 0.0))
+    record = measurement_record(measurement)
+    assert record["step_steal_s"] == pytest.approx([0.0, 0.0, 0.25, 0.0])
+    assert record["stolen_fraction"] == pytest.approx(0.25 / sum(measurement.step_seconds))
+
+
+def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
+    from perfsim.gguf_io import Phi3Arch, write_random_phi3_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_random_phi3_gguf(gguf, Phi3Arch(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=320, n_ctx=128), "q4_0", seed=0)
+    calibrate.host_profile_path().write_text(yaml.safe_dump(fake_profile()))
+    output = tmp_path / "sweep.jsonl"
+    command = [sys.executable, "-m", "perfsim", "sweep", "--gguf", str(gguf), "--threads", "1", "--tokens", "2", "--output", str(output)]
+    result = subprocess.run(command + ["--contexts", "16,32"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(r["threads"], r["context"]) for r in records] == [(1, 16), (1, 32)]
+    for r in records:
+        assert r["error"] == pytest.approx((r["predicted_tokens_per_s"] - r["measured_tokens_per_s"]) / r["measured_tokens_per_s"])
+        assert set(r["groups"]) == {"gemv", "attention", "rest"}
+        for g in r["groups"].values():
+            assert g["error"] == pytest.approx((g["predicted_s"] - g["measured_s"]) / g["measured_s"])
+        assert len(r["step_seconds"]) == len(r["step_stream_gb_s"]) == len(r["step_steal_s"]) == 2
+        assert r["stolen_fraction"] == pytest.approx(sum(r["step_steal_s"]) / sum(r["step_seconds"]))
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1"]]
+    assert "stolen" in result.stdout and [row[1] for row in rows] == ["16", "32"]
+    assert rows[1][4] == f"{100 * records[1]['error']:+.1f}%"
+
+    output.unlink()
+    bad = subprocess.run(command + ["--contexts", "16,x"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "--contexts" in bad.stderr and not output.exists()
 
 
 def test_comparison_errors_are_signed_relative_to_the_measurement():
