@@ -249,9 +249,48 @@ def _qk_scores(q_scaled, k_head, n_positions, scores, score_max):
     # four 24-26 GB/s (4096 x 96 f16, one thread). A layout tiled [T/32, D, 32] (scores as vertical
     # FMAs, no horizontal sums) measured 12 GB/s: the 32-wide inner loop reloads and stores the scores.
     # Eight positions per pass measured slower than four (24-29 against 26-36 GB/s in L2).
+    # Grouped-query heads go two at a time: eight chains, and each K row widened once for both. In L2
+    # (256 positions x 128, groups of 4, one thread) 16% faster than one head at a time; four heads
+    # of two positions each (eight chains too, half the widenings) measured no faster than one head.
     for quad in range(n_quads):
         t = 4 * quad
-        for g in range(group):
+        for pair in range(group // 2):
+            g = 2 * pair
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            b0 = np.float32(0.0)
+            b1 = np.float32(0.0)
+            b2 = np.float32(0.0)
+            b3 = np.float32(0.0)
+            for d in range(head_dim):
+                qa = q_scaled[g, d]
+                qb = q_scaled[g + 1, d]
+                k0 = as_f32(k_head[t, d])
+                k1 = as_f32(k_head[t + 1, d])
+                k2 = as_f32(k_head[t + 2, d])
+                k3 = as_f32(k_head[t + 3, d])
+                a0 += qa * k0
+                a1 += qa * k1
+                a2 += qa * k2
+                a3 += qa * k3
+                b0 += qb * k0
+                b1 += qb * k1
+                b2 += qb * k2
+                b3 += qb * k3
+            scores[g, t] = a0
+            scores[g, t + 1] = a1
+            scores[g, t + 2] = a2
+            scores[g, t + 3] = a3
+            scores[g + 1, t] = b0
+            scores[g + 1, t + 1] = b1
+            scores[g + 1, t + 2] = b2
+            scores[g + 1, t + 3] = b3
+            score_max[g] = max(score_max[g], a0, a1, a2, a3)
+            score_max[g + 1] = max(score_max[g + 1], b0, b1, b2, b3)
+        if group % 2:  # multi-head attention (a group of 1), or an odd group's last head
+            g = group - 1
             s0 = np.float32(0.0)
             s1 = np.float32(0.0)
             s2 = np.float32(0.0)
@@ -672,8 +711,11 @@ def _benchmark_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format) -> 
     return cache
 
 
-def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7) -> None:
-    """Phi-3 Mini attention per format, thread count and context, against the streaming-read roof.
+PHI3_ATTENTION_SHAPES = {"Phi-3 Mini": (32, 32, 96), "Phi-3 Small": (32, 8, 128)}  # (heads, kv heads, head_dim)
+
+
+def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7, shapes=PHI3_ATTENTION_SHAPES) -> None:
+    """Phi-3 attention per shape, format, thread count and context, against the streaming-read roof.
 
     The box is shared, so each round times one pass of kernels/stream.py's read kernel right before each
     attention sweep and the figure reported is the median over rounds of their ratio.
@@ -688,38 +730,38 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7) -> None:
     ):
         print(f"{name}: ymm instruction counts {_vector_instruction_counts(assembly(kernel, *args))}")
 
-    n_heads, n_kv_heads, head_dim = 32, 32, 96  # Phi-3 Mini
-    # Enough layers that one sweep (>= 100 MB at 512 f16, 16 x 6.3 MB) dwarfs the 32 MB L3: each call
-    # reads its layer from DRAM, as in decode.
+    # Enough layers that one sweep (>= 100 MB at 512 f16, 16 x 6.3 MB for Mini) dwarfs the 32 MB L3: each
+    # call reads its layer from DRAM, as in decode.
     n_layers = 16
     stream_data = stream.stream_buffer()
-    q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)
-    out = np.empty_like(q)
     import numba
 
-    print(f"Phi-3 Mini attention, one layer ({n_heads} heads, {n_kv_heads} kv heads, head_dim {head_dim}), sweeps over "
-          f"{n_layers} layers; streaming = one {stream_data.nbytes >> 20} MiB pass of kernels/stream.py just before; medians of {rounds} rounds; "
-          f"Numba threading layer {numba.threading_layer()}")
-    for kv_format in formats:
-        cache = _benchmark_cache(n_layers, n_kv_heads, max(contexts), head_dim, kv_format)
-        for n_threads in sorted({1, min(2, max_threads())}):
-            set_threads(n_threads)
-            for n_positions in contexts:
-                def sweep(n_positions=n_positions):
-                    for layer in range(n_layers):
-                        attention(q, cache, layer, n_positions, out)
+    print(f"one layer a call, sweeps over {n_layers} layers; streaming = one {stream_data.nbytes >> 20} MiB pass of kernels/stream.py "
+          f"just before; medians of {rounds} rounds; Numba threading layer {numba.threading_layer()}")
+    for shape_name, (n_heads, n_kv_heads, head_dim) in shapes.items():
+        print(f"{shape_name}: {n_heads} heads, {n_kv_heads} kv heads, head_dim {head_dim}")
+        q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)
+        out = np.empty_like(q)
+        for kv_format in formats:
+            cache = _benchmark_cache(n_layers, n_kv_heads, max(contexts), head_dim, kv_format)
+            for n_threads in sorted({1, min(2, max_threads())}):
+                set_threads(n_threads)
+                for n_positions in contexts:
+                    def sweep(n_positions=n_positions):
+                        for layer in range(n_layers):
+                            attention(q, cache, layer, n_positions, out)
 
-                sweep_seconds, pass_seconds = stream.paired_rounds(stream_data, sweep, rounds)
-                layer_seconds, bandwidths = sweep_seconds / n_layers, stream_data.nbytes / pass_seconds / 1e9
-                cost = attention_cost(n_heads, n_kv_heads, head_dim, n_positions, kv_format)
-                time_s = float(np.median(layer_seconds))
-                fraction = float(np.median(cost.bytes / layer_seconds / 1e9 / bandwidths))
-                print(
-                    f"{kv_format.name:5s} threads {n_threads} context {n_positions:5d}: {time_s * 1e3:7.3f} ms"
-                    f"  {cost.bytes / 1e6:6.1f} MB  {cost.bytes / time_s / 1e9:5.1f} GB/s"
-                    f"  streaming {float(np.median(bandwidths)):5.1f} GB/s  {fraction:4.0%} of streaming"
-                )
-        del cache
+                    sweep_seconds, pass_seconds = stream.paired_rounds(stream_data, sweep, rounds)
+                    layer_seconds, bandwidths = sweep_seconds / n_layers, stream_data.nbytes / pass_seconds / 1e9
+                    cost = attention_cost(n_heads, n_kv_heads, head_dim, n_positions, kv_format)
+                    time_s = float(np.median(layer_seconds))
+                    fraction = float(np.median(cost.bytes / layer_seconds / 1e9 / bandwidths))
+                    print(
+                        f"{kv_format.name:5s} threads {n_threads} context {n_positions:5d}: {time_s * 1e3:7.3f} ms"
+                        f"  {cost.bytes / 1e6:6.1f} MB  {cost.bytes / time_s / 1e9:5.1f} GB/s  {cost.flops / time_s / 1e9:5.1f} GFLOP/s"
+                        f"  streaming {float(np.median(bandwidths)):5.1f} GB/s  {fraction:4.0%} of streaming"
+                    )
+            del cache
 
 
 if __name__ == "__main__":
