@@ -747,7 +747,7 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7, shapes=PHI3_A
             for n_threads in sorted({1, min(2, max_threads())}):
                 set_threads(n_threads)
                 for n_positions in contexts:
-                    def sweep(n_positions=n_positions):
+                    def sweep(n_positions=n_positions, cache=cache):
                         for layer in range(n_layers):
                             attention(q, cache, layer, n_positions, out)
 

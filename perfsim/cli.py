@@ -235,10 +235,12 @@ def cmd_sweep(args) -> int:
         g = record["groups"]
         rows.append([record["threads"], record["context"], f"{record['predicted_tokens_per_s']:.2f}", f"{record['measured_tokens_per_s']:.2f}",
                      f"{100 * record['error']:+.1f}%"] + [f"{100 * g[k]['error']:+.1f}%" if k in g else "" for k in ("gemv", "attention", "rest")]
-                    + [f"{100 * record['stolen_fraction']:.0f}%"])
+                    + [len(record["set_aside_step_seconds"]), f"{100 * record['stolen_fraction']:.0f}%"])
     if not args.json:
-        print(table(["threads", "context", "predicted tok/s", "measured tok/s", "error", "gemv", "attention", "rest", "stolen"], rows, "rrrrrrrrr"))
-        print("stolen: vCPU time the hypervisor gave to others during the point's steps, over their wall time (/proc/stat steal)")
+        print(table(["threads", "context", "predicted tok/s", "measured tok/s", "error", "gemv", "attention", "rest", "re-run", "stolen"], rows,
+                    "rrrrrrrrrr"))
+        print("re-run: steps run again because the hypervisor stole vCPU time during them (/proc/stat steal); stolen: what it still took "
+              "during the steps kept, over their wall time")
     return 0
 
 

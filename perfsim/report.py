@@ -220,6 +220,8 @@ def format_comparison(c) -> str:
              f"{100 * g['measured_memory_roof_fraction']:.0f}%"] for g in c.group_rows()]
     lines.append(table(["op group", "predicted ms", "measured ms", "error", "bound (predicted)", "of memory roof (measured)"], rows, "lrrrlr"))
     lines += ["", f"load {m.load_s:.1f} s, JIT warm-up {m.warmup_s:.2f} s, peak resident memory {m.peak_rss_bytes / GB:.2f} GB"]
+    if m.set_aside_step_seconds:
+        lines.append(f"{len(m.set_aside_step_seconds)} steps were run again: the hypervisor took vCPU time for other guests during them (steal)")
     if m.stolen_fraction > 0:
         lines.append(f"the hypervisor took {100 * m.stolen_fraction:.0f}% of the steps' wall time in vCPU time for other guests (steal): "
                      "the measurement includes that disturbance")

@@ -66,6 +66,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "step_page_faults": list(measurement.step_page_faults),
                 "step_steal_s": list(measurement.step_steal_s),
                 "stolen_fraction": measurement.stolen_fraction,
+                "set_aside_step_seconds": list(measurement.set_aside_step_seconds),
                 "calibrated_cold_call_us": device.unit().cold_call_us_by_threads.get(t),
                 "seconds": time.perf_counter() - start,
             }

@@ -129,26 +129,50 @@ def test_steal_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
     assert _steal_s(str(tmp_path / "missing")) == 0.0
 
 
-def test_measured_decode_records_the_time_stolen_inside_each_step(monkeypatch):
+def _decode_with_steal(monkeypatch, stolen_during_call):
+    """measure_decode of TINY (4 tokens) with /proc/stat's steal faked: Session.step call number k (the
+    warm-up is 1) advances it by stolen_during_call(k) seconds. Returns the measurement and the tokens
+    each call decoded at each position."""
     from perfsim import engine as engine_module
     from perfsim import measure
 
+    monkeypatch.undo()  # a second call wraps the real step, not the first call's wrapper
     real_step, calls, stolen = engine_module.Session.step, [], [10.0]
 
     def step(self, token):
-        calls.append(token)
+        position = self.position
         out = real_step(self, token)
-        if len(calls) == 4:  # the warm-up, then the third measured step
-            stolen[0] += 0.25
+        calls.append((position, token, self.next_token))
+        stolen[0] += stolen_during_call(len(calls))
         return out
 
     monkeypatch.setattr(engine_module.Session, "step", step)
     monkeypatch.setattr(measure, "_steal_s", lambda: stolen[0])
-    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
-    assert measurement.step_steal_s == pytest.approx((0.0, 0.0, 0.25, 0.0))
+    return measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1), calls
+
+
+def test_a_step_the_hypervisor_stole_time_from_is_run_again_at_the_same_position(monkeypatch):
+    undisturbed, clean_calls = _decode_with_steal(monkeypatch, lambda call: 0.0)
+    measurement, calls = _decode_with_steal(monkeypatch, lambda call: 0.25 if call == 4 else 0.0)
+    # the warm-up, two steps, the third twice (same position, same token, same result), the fourth
+    assert len(calls) == 6 and calls[3] == calls[4] and [c[0] for c in calls[1:]] == [28, 29, 30, 30, 31]
+    assert calls[:4] + calls[5:] == clean_calls
+    assert measurement.contexts == undisturbed.contexts == (29, 30, 31, 32)
+    assert len(measurement.step_seconds) == 4 and len(measurement.set_aside_step_seconds) == 1
+    assert measurement.step_steal_s == (0.0, 0.0, 0.0, 0.0) and measurement.stolen_fraction == 0.0
     record = measurement_record(measurement)
-    assert record["step_steal_s"] == pytest.approx([0.0, 0.0, 0.25, 0.0])
-    assert record["stolen_fraction"] == pytest.approx(0.25 / sum(measurement.step_seconds))
+    assert record["step_steal_s"] == [0.0] * 4 and len(record["set_aside_step_seconds"]) == 1
+
+
+def test_a_step_disturbed_every_time_is_kept_after_its_retries_with_what_was_stolen(monkeypatch):
+    from perfsim.measure import STEAL_RETRIES
+
+    measurement, calls = _decode_with_steal(monkeypatch, lambda call: 0.0 if call == 1 else 0.125)
+    assert len(calls) == 1 + 4 * (1 + STEAL_RETRIES)
+    assert measurement.step_steal_s == pytest.approx((0.125,) * 4)
+    assert len(measurement.set_aside_step_seconds) == 4 * STEAL_RETRIES
+    assert measurement.stolen_fraction == pytest.approx(0.5 / sum(measurement.step_seconds))
+    assert measurement_record(measurement)["stolen_fraction"] == pytest.approx(measurement.stolen_fraction)
 
 
 def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
@@ -171,7 +195,8 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
         assert len(r["step_seconds"]) == len(r["step_stream_gb_s"]) == len(r["step_steal_s"]) == 2
         assert r["stolen_fraction"] == pytest.approx(sum(r["step_steal_s"]) / sum(r["step_seconds"]))
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1"]]
-    assert "stolen" in result.stdout and [row[1] for row in rows] == ["16", "32"]
+    assert "re-run" in result.stdout and [row[1] for row in rows] == ["16", "32"]
+    assert [int(row[8]) for row in rows] == [len(r["set_aside_step_seconds"]) for r in records]
     assert rows[1][4] == f"{100 * records[1]['error']:+.1f}%"
 
     output.unlink()
