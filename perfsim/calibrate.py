@@ -37,7 +37,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 21  # bump whenever what is measured changes (v21: a decode step with time stolen is run again): older profiles are re-measured
+CALIBRATION_VERSION = 22  # bump whenever what is measured changes (v22: serial ops' cost per operand byte): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -61,15 +61,15 @@ DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers
 # A larger one with grouped-query attention (6 kv heads of 5 query heads each, hidden 3840, MLP 10240: 86
 # MB of q4_0 weights a layer), one session (f16 K/V, q4_0 embedding). Its attention.f16.gqa calls give
 # that kernel's roofs; its q4_0 GEMVs and its serial ops join the first model's points.
-# A serial op's fixed cost is a line in the K/V bytes a layer's attention reads, through both models'
-# points: in probe units, Phi-3 Mini's serial ops cost 15-20% more a call at context 4096 than at 128.
-# The model's size is left out. Mini's serial ops cost no more a call than the 2560-wide model's, nor
-# Small's than the 3840-wide one's, though their operands are larger, and a line in operand bytes and
-# the bytes a layer streams (calibration v15) extrapolated from the two: refitted offline on the
-# calibrations of eight rounds of sweeps (144 serial-op group errors: Mini and Small, 1 and 2 threads),
-# it missed by more than 20% at 56 points; a line in K/V bytes at 32, one in operand bytes at 29, a
-# constant at 33. K/V bytes vary within each model (with the context), so their slope does not rest on
-# the two models' other differences.
+# A serial op's fixed cost is a line in the K/V bytes a layer's attention reads and in the bytes of
+# its own operands, through both models' points (calibration v22): in probe units, Phi-3 Mini's serial
+# ops cost 15-20% more a call at context 4096 than at 128, and Phi-3 Small's norms and residual adds
+# 2-5 us more a call than Mini's (12 KB more operands). A line in K/V bytes alone (v16-v21) had
+# Small's serial ops 10-18% fast on one thread. Refitted offline on the calibrations of 18 rounds of
+# sweeps (v17-v20; 288 serial-op group errors: Mini and Small, 1 and 2 threads), the two-column line
+# missed by more than 20% at 39 points, K/V bytes alone at 47; Small's mean error on one thread went
+# from -18% to -9% (six v20 rounds) and from -10% to +1% (eight v18). A line in operand bytes and the
+# bytes a layer streams (v15) extrapolated badly from the two models: 56 of 144 beyond 20%.
 DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=30,
                                     n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
@@ -575,7 +575,8 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
     Serial kernels: the call beyond its roof, fitted as a line in the K/V bytes a layer's attention
-    reads, through the points of both decode-shaped models (each at two contexts);
+    reads and in the bytes of the call's operands, through the points of both decode-shaped models
+    (each at two contexts; the operands differ between the models);
     each point's time beyond the roof is first scaled to the calibration's cold-call probe (`cold_call_us`)
     from its own steps' probes, as compare scales the profile to a run's: the models' steps run a few
     seconds apart, and the host's cold-call cost drifts by 2x within minutes (its spread over repeated
@@ -600,9 +601,10 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
             own = sorted((i for i, p in enumerate(points) if p.model == model), key=lambda i: points[i].kv_bytes)
             shortest = excess[own[0]]
             kept += [i for i in own if not (shortest > 0 and excess[i] > SERIAL_OUTLIER_RATIO * shortest)]
-        overhead_s, (per_kv_byte_s,) = _nonnegative_line([(points[i].kv_bytes,) for i in kept], [excess[i] for i in kept])
+        overhead_s, (per_kv_byte_s, per_operand_byte_s) = _nonnegative_line(
+            [(points[i].kv_bytes, points[i].cost.bytes) for i in kept], [excess[i] for i in kept])
         return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
-                "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12)}
+                "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12), "overhead_us_per_operand_mb": _sig(per_operand_byte_s * 1e12)}
     # A kernel whose every call in decode is compute-bound by its in-cache roof (grouped-query attention:
     # each K/V row serves 5 query heads) computes in decode at the rate its calls show there: seconds
     # against FLOPs over the contexts, a line whose slope is the roof and whose intercept the fixed cost;

@@ -56,6 +56,10 @@ class KernelRoof:
     # Serial kernels: the fixed cost grows with the K/V a layer's attention reads (decimal MB), that is
     # with the context (Phi-3 Mini's serial ops: 15-20% more a call at context 4096 than at 128).
     overhead_us_per_kv_mb: float = 0.0
+    # Serial kernels: and with the bytes of the call's own operands (decimal MB): a cold call pays for
+    # each page it touches. Phi-3 Small's norms and residual adds (hidden 4096) cost 2-5 us more a call
+    # than Mini's (3072), 12 KB more operands; the calibration's two models differ by as much.
+    overhead_us_per_operand_mb: float = 0.0
     # Multi-head attention: {head_dim: time beyond the fixed cost per K/V byte, over the same at the head_dim
     # the roof was fitted at (128)}, measured by microbenchmark. Rows of 96 f16 values streamed at 0.68 of
     # the read on one thread, against 0.75 for rows of 128; the per-byte roofline has no term for that.
@@ -154,8 +158,10 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
-                                        roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0),
-                                        _factors_by_head_dim(roof, "time_factor_by_head_dim"))
+                                        overhead_us_per_kv_mb=roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0),
+                                        overhead_us_per_operand_mb=roof.number("overhead_us_per_operand_mb", minimum=0, required=False,
+                                                                               default=0.0),
+                                        time_factor_by_head_dim=_factors_by_head_dim(roof, "time_factor_by_head_dim"))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

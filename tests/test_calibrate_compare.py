@@ -240,7 +240,8 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
 
     data = fake_profile()
     unit = data["units"]["cpu"]
-    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_kv_mb": 0.04}
+    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_kv_mb": 0.04,
+                                         "overhead_us_per_operand_mb": 100.0}
                                      for t in unit["kernel_roofs"]["gemv.q4_0"]}
     unit["cold_call_us_by_threads"] = {1: 20.0}
     device = device_from_data(data, "fake.yaml")
@@ -248,6 +249,7 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     assert run.bandwidth_gb_s_by_threads[1] == 11.0 and run.overhead_us_per_op == pytest.approx(1.5)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us == pytest.approx(9.0)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_kv_mb == pytest.approx(0.06)
+    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_operand_mb == pytest.approx(150.0)
     assert run.kernel_roofs["gemv.q4_0"][1].overhead_us == pytest.approx(6.0)
     assert run.kernel_roofs["gemv.q4_0"][1].gflops == 50.0 and run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5
     for t in set(run.kernel_roofs["gemv.q4_0"]) - {1}:  # other thread counts are not this run's
@@ -354,6 +356,34 @@ def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_k_v_bytes_over_both_
     assert left_out["overhead_us"] == pytest.approx(3.0, rel=1e-3) and left_out["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     kept = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0, 4e-6)] + points[2:]
     assert calibrate._kernel_roof(bench, None, None, 1, times, kept, cold_call_us=20.0)["overhead_us_per_kv_mb"] > 0.1
+
+
+def test_a_serial_kernels_cost_beyond_its_roof_grows_with_its_operands_from_one_model_to_the_other():
+    """Hand arithmetic: beyond its roof a call costs 3 us + 0.04 us per MB of K/V + 50 us per MB of its
+    own operands (36 KB in the first model, 54 KB in the second: 1.8 and 2.7 us); the fit gives the three
+    terms back. With operands of one size in both models (argmax: the same vocabulary) that column gets
+    no slope, and its cost stays in the fixed part."""
+    from perfsim.cost import Cost
+
+    flops_per_s = 0.75 * 3e5 / 3e-6
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, 3e5, quarter)
+    times = {id(in_cache): 7e-6, id(quarter): 4e-6}
+
+    def point(op_bytes, kv_bytes, model):
+        cost = Cost(flops=op_bytes / 3, act_bytes=op_bytes)
+        roof_s = max(cost.flops / flops_per_s, op_bytes / 18e9)
+        beyond_s = 3e-6 + 0.04e-6 * kv_bytes / 1e6 + 50e-6 * op_bytes / 1e6
+        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, kv_bytes, 18.0, 20.0, model)
+
+    points = [point(36_000, 1_000_000, 0), point(36_000, 41_000_000, 0), point(54_000, 400_000, 1), point(54_000, 12_000_000, 1)]
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
+    assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
+    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
+    assert roof["overhead_us_per_operand_mb"] == pytest.approx(50.0, rel=1e-3)
+    same_size = [point(16_000, 1_000_000, 0), point(16_000, 41_000_000, 0), point(16_000, 400_000, 1), point(16_000, 12_000_000, 1)]
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, same_size, cold_call_us=20.0)
+    assert roof["overhead_us_per_operand_mb"] == 0 and roof["overhead_us"] == pytest.approx(3.0 + 0.8, rel=1e-3)
 
 
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():

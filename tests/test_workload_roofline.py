@@ -135,6 +135,18 @@ def test_a_calibrated_serial_kernel_costs_more_per_call_the_more_k_v_a_layers_at
     assert qkv.layer_kv_bytes == 0  # a GEMV's fixed cost is its own
 
 
+def test_a_calibrated_serial_kernel_costs_more_per_call_the_larger_its_operands():
+    """Paper arithmetic: rmsnorm's fixed cost 5 us + 200 us per MB of its own operands; Phi-3 Mini's norm
+    reads x and its weight and writes its output, 3 x 3072 f32 = 36,864 bytes: 5 + 7.3728 us a call."""
+    data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"rmsnorm": {
+        1: {"gflops": 1000.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_operand_mb": 200.0}}})})
+    p = predict(MINI, Formats(), device_from_data(data, "paper.yaml"), context=1000, threads=1)
+    (norm,) = [t for t in p.ops if t.op.name == "attn_norm"]
+    assert norm.op.cost.bytes == 3 * 3072 * 4
+    roof_s = max(norm.op.bytes / 40e9, norm.op.flops / 1e12)
+    assert norm.time_s == pytest.approx(roof_s + 32 * (5e-6 + 7.3728e-6))
+
+
 def test_a_calibrated_attention_time_factor_applies_at_its_head_dim_only():
     """Paper arithmetic: attention.f16 (multi-head) 10 GFLOP/s, overlap 0.5, 20 us a call; at head_dim 96
     its roof time is 1.1x, the fixed cost not. Phi-3 Mini (head_dim 96) gets the factor; a model of the
@@ -159,6 +171,15 @@ def test_a_time_factor_by_head_dim_must_be_positive_numbers_by_whole_head_dims()
         with pytest.raises(UserError, match=expected) as e:
             device_from_data(data, "paper.yaml")
         assert "time_factor_by_head_dim" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_fixed_cost_per_operand_mb_must_be_a_number_at_least_zero():
+    for value, expected in ((-1.0, ">= 0"), ("slow", "number")):
+        roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_operand_mb": value}
+        data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"rmsnorm": {1: roof}})})
+        with pytest.raises(UserError, match=expected) as e:
+            device_from_data(data, "paper.yaml")
+        assert "overhead_us_per_operand_mb" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_cpu_bandwidth_saturates_with_threads():
