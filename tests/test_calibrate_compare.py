@@ -386,6 +386,23 @@ def test_a_serial_kernels_cost_beyond_its_roof_grows_with_its_operands_from_one_
     assert roof["overhead_us_per_operand_mb"] == 0 and roof["overhead_us"] == pytest.approx(3.0 + 0.8, rel=1e-3)
 
 
+def test_a_serial_kernels_compute_roof_is_no_slower_than_its_calls_in_decode():
+    """Hand arithmetic: in-cache calls of 70 us and 4 us (a disturbed measurement) make a compute roof of
+    0.75 x 3e5 FLOPs / 66 us = 3.4 GFLOP/s, under which a decode call of 6e4 FLOPs would take 17.6 us; it
+    took 12 us, so it computed at 5 GFLOP/s at least: that is the roof, and nothing is left for the fixed
+    cost of that call."""
+    from perfsim.cost import Cost
+
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("kv_append.f16", False, None, in_cache, 3e5, quarter)
+    times = {id(in_cache): 70e-6, id(quarter): 4e-6}
+    cost = Cost(flops=6e4, act_bytes=1_000)
+    points = [calibrate.DecodeShapedPoint(12e-6, cost, 1_000_000, 18.0), calibrate.DecodeShapedPoint(14e-6, cost, 41_000_000, 18.0)]
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, points)
+    assert roof["gflops"] == pytest.approx(5.0, rel=1e-3)
+    assert roof["overhead_us"] == pytest.approx(0.0, abs=1e-6) and roof["overhead_us_per_kv_mb"] == pytest.approx(0.05, rel=1e-3)
+
+
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
     x0 = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     x1 = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
