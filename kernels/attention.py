@@ -580,7 +580,7 @@ def kv_store(cache: KVCache, layer: int, start: int, k_new, v_new) -> None:
     else:
         blocks = (n, cache.n_kv_heads, cache.head_dim // Q8_BLOCK, Q8_BLOCK)
         _store_positions_q8_0(np.ascontiguousarray(k_new).reshape(blocks), np.ascontiguousarray(v_new).reshape(blocks),
-                         cache.k, cache.k_scale, cache.v, cache.v_scale, layer, start)
+                              cache.k, cache.k_scale, cache.v, cache.v_scale, layer, start)
 
 
 FILL_POOL_VALUES = 2**22  # fill_random_kv draws its K/V from windows into this many N(0,1) values
@@ -701,16 +701,6 @@ def _vector_instruction_counts(asm: str) -> dict:
     return {op: count(op) for op in ("vcvtph2ps", "vfmadd", "vcvtdq2ps")}
 
 
-def _benchmark_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format) -> KVCache:
-    """A cache filled fast: 64 random positions through kv_append, repeated over every layer and position."""
-    cache = new_kv_cache(n_layers, n_kv_heads, max_context, head_dim, kv_format)
-    pattern = filled_kv_cache(1, n_kv_heads, 64, head_dim, kv_format)
-    for full, part in zip(cache.arrays, pattern.arrays):
-        for start in range(0, max_context, 64):
-            full[:, :, start : start + 64] = part[0, :, : max_context - start]
-    return cache
-
-
 PHI3_ATTENTION_SHAPES = {"Phi-3 Mini": (32, 32, 96), "Phi-3 Small": (32, 8, 128)}  # (heads, kv heads, head_dim)
 
 
@@ -743,7 +733,8 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7, shapes=PHI3_A
         q = np.random.default_rng(1).standard_normal((n_heads, head_dim)).astype(np.float32)
         out = np.empty_like(q)
         for kv_format in formats:
-            cache = _benchmark_cache(n_layers, n_kv_heads, max(contexts), head_dim, kv_format)
+            cache = new_kv_cache(n_layers, n_kv_heads, max(contexts), head_dim, kv_format)
+            fill_random_kv(cache, max(contexts))
             for n_threads in sorted({1, min(2, max_threads())}):
                 set_threads(n_threads)
                 for n_positions in contexts:

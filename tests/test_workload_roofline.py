@@ -164,22 +164,25 @@ def test_a_calibrated_attention_time_factor_applies_at_its_head_dim_only():
         assert attention.time_s == pytest.approx(factor * roof_s + 32 * 20e-6)
 
 
+def _kernel_roof_error(kernel: str, roof: dict, expected: str) -> str:
+    """The loader's one-line message for a profile whose only calibrated roof is `roof` (1 thread)."""
+    data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={kernel: {1: roof}})})
+    with pytest.raises(UserError, match=expected) as e:
+        device_from_data(data, "paper.yaml")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
 def test_a_time_factor_by_head_dim_must_be_positive_numbers_by_whole_head_dims():
     for factors, expected in (({96: 0}, "> 0"), ({"96": 1.1}, "head_dim"), ({96: "fast"}, "number")):
         roof = {"gflops": 10.0, "overlap": 0.5, "overhead_us": 20.0, "time_factor_by_head_dim": factors}
-        data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"attention.f16": {1: roof}})})
-        with pytest.raises(UserError, match=expected) as e:
-            device_from_data(data, "paper.yaml")
-        assert "time_factor_by_head_dim" in str(e.value) and "\n" not in str(e.value)
+        assert "time_factor_by_head_dim" in _kernel_roof_error("attention.f16", roof, expected)
 
 
 def test_a_fixed_cost_per_operand_mb_must_be_a_number_at_least_zero():
     for value, expected in ((-1.0, ">= 0"), ("slow", "number")):
         roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_operand_mb": value}
-        data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"rmsnorm": {1: roof}})})
-        with pytest.raises(UserError, match=expected) as e:
-            device_from_data(data, "paper.yaml")
-        assert "overhead_us_per_operand_mb" in str(e.value) and "\n" not in str(e.value)
+        assert "overhead_us_per_operand_mb" in _kernel_roof_error("rmsnorm", roof, expected)
 
 
 def test_cpu_bandwidth_saturates_with_threads():
