@@ -37,7 +37,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 23  # bump whenever what is measured changes (v23: a serial roof no slower than its decode calls): older profiles are re-measured
+CALIBRATION_VERSION = 24  # bump whenever what is measured changes (v24: serial fixed costs per op; grouped-query model of groups of 4): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -58,9 +58,12 @@ OVERLAP_ROUNDS = 9  # rounds of (streaming pass, DRAM sweep) each overlap fit is
 # calibration to the next.
 DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers=4, hidden_size=2560, n_heads=20, n_kv_heads=20,
                                 intermediate_size=6912, vocab_size=4096, max_context=4096)
-# A larger one with grouped-query attention (6 kv heads of 5 query heads each, hidden 3840, MLP 10240: 86
-# MB of q4_0 weights a layer), one session (f16 K/V, q4_0 embedding). Its attention.f16.gqa calls give
-# that kernel's roofs; its q4_0 GEMVs and its serial ops join the first model's points.
+# A larger one with grouped-query attention (6 kv heads of 4 query heads each, head_dim 128, hidden 3840,
+# MLP 10240: 83 MB of q4_0 weights a layer), one session (f16 K/V, q4_0 embedding). Its attention.f16.gqa
+# calls give that kernel's roofs; its q4_0 GEMVs and its serial ops join the first model's points. Groups
+# of 4, as Phi-3 Small's and Medium's (and Llama 3's): the scores pass takes a group's heads two at a time,
+# and calibration v23's groups of 5 ran a fifth head alone (Small's attention at context 128 on two
+# threads came out +27% on average over ten rounds); an even count of kv heads splits evenly over 2 threads.
 # A serial op's fixed cost is a line in the K/V bytes a layer's attention reads and in the bytes of
 # its own operands, through both models' points (calibration v22): in probe units, Phi-3 Mini's serial
 # ops cost 15-20% more a call at context 4096 than at 128, and Phi-3 Small's norms and residual adds
@@ -70,8 +73,8 @@ DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers
 # missed by more than 20% at 39 points, K/V bytes alone at 47; Small's mean error on one thread went
 # from -18% to -9% (six v20 rounds) and from -10% to +1% (eight v18). A line in operand bytes and the
 # bytes a layer streams (v15) extrapolated badly from the two models: 56 of 144 beyond 20%.
-DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=30,
-                                    n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096)
+DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=24,
+                                    n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096, head_dim=128)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
 DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer of the first model streams 45 MB of weights and 1.3 or 41 MB of f16 K/V
 DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
@@ -457,6 +460,7 @@ class DecodeShapedPoint:
     stream_gb_s: float  # median of the streaming passes run before the steps, as measured decode takes its roof
     cold_call_us: float = 0.0  # median of the cold-call probes run before the steps (0: none)
     model: int = 0  # which decode-shaped model (_decode_shaped_calls' `models` index)
+    op: str = ""  # the engine's op name (attn_norm, ffn_norm, ...): a kernel's ops each have their own points
 
     def roofs_s(self, gflops: float) -> tuple:
         """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes."""
@@ -473,14 +477,14 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     every 0.1-1 s (grouped-query attention at context 4000, 1 thread: 1400 or 2000 us a call). A kernel
     timed in a window of its own under a second (calibration v16's grouped-query model: 24 steps, 0.7 s)
     came out 34-46 GFLOP/s from one calibration to the next, while phi-3-small's decode ran it at 27-36.
-    A serial kernel has one point per model and context (its ops pooled: both norms, both residual
-    adds); a GEMV or attention one per model, op and context. The first layer's ops are left out: they
+    Each kernel has one point per model, op and context (the norms before attention, before the MLP
+    and before the head each their own). The first layer's ops are left out: they
     follow the streaming pass run before each step, which in a 32-layer model 1 layer in 32 does. Each
     step follows a streaming pass and a cold-call probe, as in measured decode; each point keeps the
     median probe of its steps, and all the probes' times are appended to `probes`."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
     from perfsim.measure import timed_step
-    from perfsim.workload import ATTENTION, GEMV, decode_ops
+    from perfsim.workload import decode_ops
 
     samples, costs, kv_bytes, passes, cold_calls = {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
@@ -496,11 +500,10 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
                 session.fill_cache(context - 2)
                 for _ in range(2):  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
                     session.step(max(session.next_token, 0))
-                # parallel kernels keep a point per op, serial ones pool theirs (both norms, both residual adds)
                 timed = {}
                 for i, name in enumerate(session.op_sequence):
                     if name in kernels and i not in first_layer:
-                        key = (model_index, kernels[name], name if ops[name].kind in (GEMV, ATTENTION) else "")
+                        key = (model_index, kernels[name], name)
                         timed.setdefault(key, []).append(i)
                         costs[key, context] = ops[name].cost
                 for key in timed:
@@ -523,7 +526,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     for key, context in samples:
         points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
-            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0]))
+            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2]))
     return points
 
 
@@ -580,7 +583,8 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     each point's time beyond the roof is first scaled to the calibration's cold-call probe (`cold_call_us`)
     from its own steps' probes, as compare scales the profile to a run's: the models' steps run a few
     seconds apart, and the host's cold-call cost drifts by 2x within minutes (its spread over repeated
-    points: 22% raw, 8% so scaled). No overlap (a few KB).
+    points: 22% raw, 8% so scaled). No overlap (a few KB). A kernel several ops run (the norms, the
+    residual adds) has a factor per op on the line (`overhead_factor_by_op`), from that op's points.
     GEMVs and attention: time - max(compute, memory) = overhead + overlap * min(compute, memory), the
     least-squares line through the points (each op at each context), memory at their own streaming
     passes. Fitted on sweeps in a loop of their own, attention under-predicted decode's by 11-19% on one
@@ -601,16 +605,31 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
         # and one such calibration over-predicted phi-3-mini's serial ops by up to 475%. Its usual growth
         # from 128 to 4000 positions is 1.1-1.6x.
         kept = []
-        for model in sorted({p.model for p in points}):
-            own = sorted((i for i, p in enumerate(points) if p.model == model), key=lambda i: points[i].kv_bytes)
+        for model, op in sorted({(p.model, p.op) for p in points}):
+            own = sorted((i for i, p in enumerate(points) if (p.model, p.op) == (model, op)), key=lambda i: points[i].kv_bytes)
             shortest = excess[own[0]]
             kept += [i for i in own if not (shortest > 0 and excess[i] > SERIAL_OUTLIER_RATIO * shortest)]
         overhead_s, (per_kv_byte_s, per_operand_byte_s) = _nonnegative_line(
             [(points[i].kv_bytes, points[i].cost.bytes) for i in kept], [excess[i] for i in kept])
-        return {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
+        roof = {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
                 "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12), "overhead_us_per_operand_mb": _sig(per_operand_byte_s * 1e12)}
+        # A kernel run by several ops (the three norms, the two residual adds) costs each of them its own
+        # multiple of the line, the op's place in the layer: the norm before attention (after the MLP's
+        # down projection and residual add) ran 1.5-1.6x the norm before the MLP, in both decode-shaped
+        # models as in Phi-3 Mini and Small (1 and 2 threads); the line alone, through both, had Mini's
+        # norm before the MLP +35% and the one before attention -9% (ten rounds, calibration v22).
+        ops = sorted({points[i].op for i in kept})
+        if len(ops) > 1:
+            line_s = [max(overhead_s, 0.0) + per_kv_byte_s * p.kv_bytes + per_operand_byte_s * p.cost.bytes for p in points]
+            factors = {}
+            for op in ops:
+                own = [i for i in kept if points[i].op == op]
+                if sum(line_s[i] for i in own) > 0:
+                    factors[op] = round(max(sum(excess[i] for i in own), 0.0) / sum(line_s[i] for i in own), 4)
+            roof["overhead_factor_by_op"] = factors
+        return roof
     # A kernel whose every call in decode is compute-bound by its in-cache roof (grouped-query attention:
-    # each K/V row serves 5 query heads) computes in decode at the rate its calls show there: seconds
+    # each K/V row serves 4 query heads) computes in decode at the rate its calls show there: seconds
     # against FLOPs over the contexts, a line whose slope is the roof and whose intercept the fixed cost;
     # its memory traffic hides. Its in-cache roof ran ahead of decode (1 thread: 48-51 GFLOP/s, against
     # 33-37 in phi-3-small's decode); the fit then read the gap as overlap (0.97-1.0) and charged it to

@@ -64,6 +64,10 @@ class KernelRoof:
     # the roof was fitted at (128)}, measured by microbenchmark. Rows of 96 f16 values streamed at 0.68 of
     # the read on one thread, against 0.75 for rows of 128; the per-byte roofline has no term for that.
     time_factor_by_head_dim: dict = field(default_factory=dict)
+    # Serial kernels several ops run: {op name: multiple of the fixed cost above (all three terms) that op
+    # pays}, measured in the calibration's decode. Its place in the layer sets it: Phi-3 Mini's norm before
+    # attention (after the MLP) costs 1.5x its norm before the MLP, the same kernel on the same operands.
+    overhead_factor_by_op: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,21 @@ def _factors_by_head_dim(f: Fields, key: str) -> dict:
     return out
 
 
+def _factors_by_op(f: Fields, key: str) -> dict:
+    """{decode op name: positive number} under `key`, if present."""
+    from perfsim.workload import DECODE_OP_NAMES
+
+    factors = f.mapping(key, required=False)
+    if factors is None:
+        return {}
+    for op in factors.data:
+        if op not in DECODE_OP_NAMES:
+            factors.fail(str(op), f"expected a decode op name ({', '.join(DECODE_OP_NAMES)}) as the key")
+    out = {op: factors.number(op, exclusive_minimum=0) for op in list(factors.data)}
+    factors.done()
+    return out
+
+
 def _numbers_by_threads(f: Fields, key: str) -> dict:
     """{thread count: positive number} under `key`, if present."""
     fields = f.mapping(key, required=False)
@@ -161,7 +180,8 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                                         overhead_us_per_kv_mb=roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0),
                                         overhead_us_per_operand_mb=roof.number("overhead_us_per_operand_mb", minimum=0, required=False,
                                                                                default=0.0),
-                                        time_factor_by_head_dim=_factors_by_head_dim(roof, "time_factor_by_head_dim"))
+                                        time_factor_by_head_dim=_factors_by_head_dim(roof, "time_factor_by_head_dim"),
+                                        overhead_factor_by_op=_factors_by_op(roof, "overhead_factor_by_op"))
                 roof.done()
             per_threads.done()
             kernel_roofs[kernel] = roofs

@@ -24,9 +24,8 @@ from perfsim.kernels.elementwise import argmax, residual_add, rmsnorm, rope_rota
 from perfsim.kernels.gemv import bind_gemv, pack_q4_0, pack_q8_0, random_f16, random_f32, random_q4_0, random_q8_0
 from perfsim.model import ModelSpec
 from perfsim.quant import F32, Formats, QuantFormat, quant_format
-from perfsim.workload import check_context, decode_ops
-
-OP_NAMES = tuple(op.name for op in decode_ops(ModelSpec("any", 1, 32, 1, 1, 32, 32, 2), Formats(), 1))
+from perfsim.workload import DECODE_OP_NAMES as OP_NAMES
+from perfsim.workload import check_context
 LAYER_OP_NAMES = OP_NAMES[1:-3]  # once per layer, in order; token_embd before them, output_norm, lm_head, argmax after
 
 

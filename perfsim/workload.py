@@ -118,6 +118,10 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
     )
 
 
+# The ops of a decode step by name, in execution order (any model's: the names do not depend on its shape)
+DECODE_OP_NAMES = tuple(op.name for op in decode_ops(ModelSpec("any", 1, 32, 1, 1, 32, 32, 2), Formats(), 1))
+
+
 def gemm_cost(rows: int, cols: int, n_tokens: int, weights: QuantFormat) -> Cost:
     """Prefill's matrix-matrix product: weights read once for all n_tokens (blocked), activations
     streamed in f32. No perfsim kernel runs prefill; this formula is the simulator's alone."""

@@ -110,6 +110,8 @@ def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypat
         return out
 
     monkeypatch.setattr(engine_module.Session, "step", step)
+    # no step is re-run for stolen time (which would shift the calls): this shared host steals now and then
+    monkeypatch.setattr("perfsim.measure._steal_s", lambda path="/proc/stat": 0.0)
     measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
     faults = measurement.step_page_faults
     assert len(faults) == 4 and all(f >= 0 for f in faults)
@@ -386,6 +388,35 @@ def test_a_serial_kernels_cost_beyond_its_roof_grows_with_its_operands_from_one_
     assert roof["overhead_us_per_operand_mb"] == 0 and roof["overhead_us"] == pytest.approx(3.0 + 0.8, rel=1e-3)
 
 
+def test_a_serial_kernel_run_by_several_ops_gets_each_ops_multiple_of_the_shared_line():
+    """Hand arithmetic: beyond its roof the norm before attention costs 1.25x and the one before the MLP
+    0.75x of 3 us + 0.04 us per MB of K/V + 50 us per MB of operands, at both contexts of both models.
+    At each point the two average the line, so the fit gives the line back and each op its factor; a
+    kernel one op runs (silu_mul) gets none."""
+    from perfsim.cost import Cost
+
+    flops_per_s = 0.75 * 3e5 / 3e-6
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, 3e5, quarter)
+    times = {id(in_cache): 7e-6, id(quarter): 4e-6}
+
+    def point(op, factor, op_bytes, kv_bytes, model):
+        cost = Cost(flops=op_bytes / 3, act_bytes=op_bytes)
+        roof_s = max(cost.flops / flops_per_s, op_bytes / 18e9)
+        beyond_s = factor * (3e-6 + 0.04e-6 * kv_bytes / 1e6 + 50e-6 * op_bytes / 1e6)
+        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, kv_bytes, 18.0, 20.0, model, op)
+
+    shapes = ((36_000, 1_000_000, 0), (36_000, 41_000_000, 0), (54_000, 400_000, 1), (54_000, 12_000_000, 1))
+    points = [point(op, factor, *shape) for op, factor in (("attn_norm", 1.25), ("ffn_norm", 0.75)) for shape in shapes]
+    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
+    assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
+    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
+    assert roof["overhead_us_per_operand_mb"] == pytest.approx(50.0, rel=1e-3)
+    assert roof["overhead_factor_by_op"] == pytest.approx({"attn_norm": 1.25, "ffn_norm": 0.75}, rel=1e-3)
+    one_op = calibrate._kernel_roof(bench, None, None, 1, times, [point("ffn_act", 1.0, *shape) for shape in shapes], cold_call_us=20.0)
+    assert "overhead_factor_by_op" not in one_op and one_op["overhead_us"] == pytest.approx(3.0, rel=1e-3)
+
+
 def test_a_serial_kernels_compute_roof_is_no_slower_than_its_calls_in_decode():
     """Hand arithmetic: in-cache calls of 70 us and 4 us (a disturbed measurement) make a compute roof of
     0.75 x 3e5 FLOPs / 66 us = 3.4 GFLOP/s, under which a decode call of 6e4 FLOPs would take 17.6 us; it
@@ -487,7 +518,8 @@ def test_decode_shaped_calls_time_every_serial_kernel_in_the_engines_decode(monk
     assert set(calls) == kernels | attention | {f"embedding.{f}" for f in ("q4_0", "q8_0", "f16", "f32")}
     for kernel, points in calls.items():
         assert all(p.seconds > 0 and p.stream_gb_s > 0 and p.cold_call_us > 0 for p in points)
-    assert len(calls["rmsnorm"]) == 2 and len(calls["gemv.q4_0"]) == 2 * 5  # serial ops pooled; each GEMV at each context
+    assert len(calls["rmsnorm"]) == 3 * 2 and len(calls["gemv.q4_0"]) == 5 * 2  # each op at each context
+    assert sorted({p.op for p in calls["rmsnorm"]}) == ["attn_norm", "ffn_norm", "output_norm"]
     kv_values = TINY.n_kv_heads * TINY.head_dim * 2  # K and V, per position
     by_context = lambda kernel: sorted(calls[kernel], key=lambda p: p.kv_bytes)  # noqa: E731
     assert [p.kv_bytes for p in by_context("kv_append.f32")] == [c * kv_values * 4 for c in (8, 40)]
@@ -511,9 +543,10 @@ def test_decode_shaped_calls_keep_each_models_points_apart_and_step_a_model_more
     calls = calibrate._decode_shaped_calls([(calibrate._decode_shaped_weights(TINY, sessions), sessions, 1),
                                             (calibrate._decode_shaped_weights(wide, sessions), sessions, 3)], 1, probes)
     assert len(probes) == (1 + 3) * 2 * 2  # per model: steps a round x 2 contexts x 2 rounds
-    assert len(calls["rmsnorm"]) == 2 * 2 and len(calls["gemv.q4_0"]) == 2 * 5 * 2
+    assert len(calls["rmsnorm"]) == 2 * 3 * 2 and len(calls["gemv.q4_0"]) == 2 * 5 * 2  # models x ops x contexts
     kv_per_position = {m.name: m.n_kv_heads * m.head_dim * 2 * 2 for m in (TINY, wide)}
-    assert sorted(p.kv_bytes for p in calls["rmsnorm"]) == sorted(c * v for c in (8, 40) for v in kv_per_position.values())
+    ffn_norms = [p for p in calls["rmsnorm"] if p.op == "ffn_norm"]
+    assert sorted(p.kv_bytes for p in ffn_norms) == sorted(c * v for c in (8, 40) for v in kv_per_position.values())
 
 
 def test_serial_call_times_pool_a_common_kernels_calls_over_every_group(monkeypatch):

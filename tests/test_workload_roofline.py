@@ -147,6 +147,22 @@ def test_a_calibrated_serial_kernel_costs_more_per_call_the_larger_its_operands(
     assert norm.time_s == pytest.approx(roof_s + 32 * (5e-6 + 7.3728e-6))
 
 
+def test_a_calibrated_serial_kernels_fixed_cost_is_scaled_by_its_ops_own_factor():
+    """Paper arithmetic: rmsnorm's fixed cost 5 us + 200 us per MB of operands (7.3728 us for Mini's
+    36,864 bytes) a call; the norm before attention pays 1.5x that, the one before the MLP 0.5x, and the
+    output norm, with no factor of its own, 1x. The roof times are untouched."""
+    roof = {"gflops": 1000.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_operand_mb": 200.0,
+            "overhead_factor_by_op": {"attn_norm": 1.5, "ffn_norm": 0.5}}
+    data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"rmsnorm": {1: roof}})})
+    p = predict(MINI, Formats(), device_from_data(data, "paper.yaml"), context=1000, threads=1)
+    norms = {t.op.name: t for t in p.ops if t.op.kernel == "rmsnorm"}
+    assert set(norms) == {"attn_norm", "ffn_norm", "output_norm"}
+    for name, factor, calls in (("attn_norm", 1.5, 32), ("ffn_norm", 0.5, 32), ("output_norm", 1.0, 1)):
+        roof_s = max(norms[name].op.bytes / 40e9, norms[name].op.flops / 1e12)
+        assert norms[name].overhead_s == pytest.approx(calls * factor * (5e-6 + 7.3728e-6))
+        assert norms[name].time_s == pytest.approx(roof_s + calls * factor * (5e-6 + 7.3728e-6))
+
+
 def test_a_calibrated_attention_time_factor_applies_at_its_head_dim_only():
     """Paper arithmetic: attention.f16 (multi-head) 10 GFLOP/s, overlap 0.5, 20 us a call; at head_dim 96
     its roof time is 1.1x, the fixed cost not. Phi-3 Mini (head_dim 96) gets the factor; a model of the
@@ -183,6 +199,12 @@ def test_a_fixed_cost_per_operand_mb_must_be_a_number_at_least_zero():
     for value, expected in ((-1.0, ">= 0"), ("slow", "number")):
         roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_operand_mb": value}
         assert "overhead_us_per_operand_mb" in _kernel_roof_error("rmsnorm", roof, expected)
+
+
+def test_an_overhead_factor_by_op_must_be_a_positive_number_by_decode_op_name():
+    for factors, expected in (({"attn_norm": 0}, "> 0"), ({"pre_norm": 1.2}, "decode op name"), ({"ffn_norm": "x"}, "number")):
+        roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_factor_by_op": factors}
+        assert "overhead_factor_by_op" in _kernel_roof_error("rmsnorm", roof, expected)
 
 
 def test_cpu_bandwidth_saturates_with_threads():
