@@ -625,7 +625,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
             for op in ops:
                 own = [i for i in kept if points[i].op == op]
                 if sum(line_s[i] for i in own) > 0:
-                    factors[op] = round(max(sum(excess[i] for i in own), 0.0) / sum(line_s[i] for i in own), 4)
+                    factors[op] = round(float(max(sum(excess[i] for i in own), 0.0) / sum(line_s[i] for i in own)), 4)
             roof["overhead_factor_by_op"] = factors
         return roof
     # A kernel whose every call in decode is compute-bound by its in-cache roof (grouped-query attention:

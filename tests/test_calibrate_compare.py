@@ -413,6 +413,7 @@ def test_a_serial_kernel_run_by_several_ops_gets_each_ops_multiple_of_the_shared
     assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     assert roof["overhead_us_per_operand_mb"] == pytest.approx(50.0, rel=1e-3)
     assert roof["overhead_factor_by_op"] == pytest.approx({"attn_norm": 1.25, "ffn_norm": 0.75}, rel=1e-3)
+    assert yaml.safe_load(yaml.safe_dump(roof)) == roof  # the host profile is written with safe_dump: plain floats
     one_op = calibrate._kernel_roof(bench, None, None, 1, times, [point("ffn_act", 1.0, *shape) for shape in shapes], cold_call_us=20.0)
     assert "overhead_factor_by_op" not in one_op and one_op["overhead_us"] == pytest.approx(3.0, rel=1e-3)
 
