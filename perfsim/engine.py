@@ -26,6 +26,7 @@ from perfsim.model import ModelSpec
 from perfsim.quant import F32, Formats, QuantFormat, quant_format
 from perfsim.workload import DECODE_OP_NAMES as OP_NAMES
 from perfsim.workload import check_context
+
 LAYER_OP_NAMES = OP_NAMES[1:-3]  # once per layer, in order; token_embd before them, output_norm, lm_head, argmax after
 
 
