@@ -111,7 +111,8 @@ def _op_terms(ops: tuple, roofs: Roofs):
         if op.kernel in kernels:
             op_flops_per_s, overlap, op_overhead, overhead_per_kv_byte, overhead_per_operand_byte, factors, by_op = kernels[op.kernel]
             op_overhead += overhead_per_kv_byte * op.layer_kv_bytes + overhead_per_operand_byte * op.bytes / op.count  # per call
-            op_overhead *= by_op.get(op.name, 1.0)
+            if by_op:  # two kernels of a calibrated host's dozen have factors; the lookup cost ~2 us a Mini prediction
+                op_overhead *= by_op.get(op.name, 1.0)
             factor = factors.get(op.head_dim, 1.0)
         else:
             op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
