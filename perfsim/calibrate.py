@@ -615,7 +615,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
         overhead_s, (per_kv_byte_s, per_operand_byte_s) = _nonnegative_line(
             [(points[i].kv_bytes, points[i].cost.bytes) for i in kept], [excess[i] for i in kept])
         roof = {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
-                "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12), "overhead_us_per_operand_mb": _sig(per_operand_byte_s * 1e12)}
+                 "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12), "overhead_us_per_operand_mb": _sig(per_operand_byte_s * 1e12)}
         # A kernel run by several ops (the three norms, the two residual adds) costs each of them its own
         # multiple of the line, the op's place in the layer: the norm before attention (after the MLP's
         # down projection and residual add) ran 1.5-1.6x the norm before the MLP, in both decode-shaped
