@@ -458,6 +458,26 @@ def test_a_serial_outlier_is_left_out_when_the_compute_floor_leaves_the_short_ca
     assert kept["overhead_us_per_kv_mb"] > 0.3
 
 
+def test_a_serial_kernels_compute_roof_is_its_best_in_cache_roof_over_the_thread_counts():
+    """kv_append's in-cache roof came out 1.5 GFLOP/s on one thread and 0.28 on two (disturbed): both thread
+    counts get 1.5, each with its own decode points and probe. With 0.28 the floor (12 us calls of 5120
+    FLOPs: 0.43 GFLOP/s) would have set the roof on two threads and left nothing of them as fixed cost."""
+    from perfsim.cost import Cost
+
+    cost = Cost(flops=5120, act_bytes=20_480)
+    points = lambda seconds: [calibrate.DecodeShapedPoint(s, cost, kv, 18.0, 20.0, 0, "kv_append")  # noqa: E731
+                              for s, kv in zip(seconds, (1_000_000, 41_000_000))]
+    decode_points = {1: {"kv_append.f16": points((14e-6, 16e-6))}, 2: {"kv_append.f16": points((12e-6, 13e-6))}}
+    roofs = calibrate._serial_roofs({1: {"kv_append.f16": 1.5}, 2: {"kv_append.f16": 0.28}}, decode_points, {1: 20.0, 2: 20.0})
+    assert set(roofs) == {"kv_append.f16"} and set(roofs["kv_append.f16"]) == {1, 2}
+    for threads, roof in roofs["kv_append.f16"].items():
+        assert roof == calibrate._roof_from_decode(1.5, decode_points[threads]["kv_append.f16"], False, 20.0)
+        assert roof["gflops"] == 1.5
+    assert roofs["kv_append.f16"][2]["overhead_us"] == pytest.approx(12.0 - 5120 / 1.5e3 - 1 / 40 * 1.0, rel=1e-2)
+    alone = calibrate._roof_from_decode(0.28, decode_points[2]["kv_append.f16"], False, 20.0)
+    assert alone["overhead_us"] < 1.0  # what the disturbed roof alone gave
+
+
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
     x0 = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     x1 = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
