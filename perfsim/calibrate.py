@@ -673,11 +673,11 @@ def _serial_roofs(gflops: dict, decode_points: dict, cold_call_us: dict) -> dict
             for kernel in kernels}
 
 
-def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, serial_times: dict | None = None,
-                 decode_points: list | None = None, cold_call_us: float = 0.0) -> dict:
-    gflops = _compute_roof_gflops(bench, serial_times)
+def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, decode_points: list | None = None) -> dict:
+    """A parallel kernel's roof at `threads` (the serial kernels': _serial_roofs)."""
+    gflops = _compute_roof_gflops(bench, None)
     if decode_points:
-        return _roof_from_decode(gflops, decode_points, bench.parallel, cold_call_us)
+        return _roof_from_decode(gflops, decode_points, True)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -738,7 +738,7 @@ def measure_host(progress=None) -> dict:
     stream_read = lambda: sum_int64(flush)
     producer = Producer()
     bandwidth_gb_s, cold_call_us, kernel_roofs = {}, {}, {b.kernel: {} for b in parallel + serial}
-    serial_gflops, serial_decode_calls = {}, {}  # per thread count: {kernel: in-cache roof}, {kernel: decode points}
+    serial_gflops, serial_decode_calls = {}, {}  # per thread count: {serial kernel: in-cache roof}, {kernel: decode points}
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
         bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
@@ -756,14 +756,14 @@ def measure_host(progress=None) -> dict:
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
             set_threads(threads)
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, None, decode_calls.get(bench.kernel))
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, decode_calls.get(bench.kernel))
             if bench.kernel == "attention.f16":  # multi-head, fitted at head_dim 128
                 kernel_roofs[bench.kernel][threads]["time_factor_by_head_dim"] = _attention_head_dim_factors(threads)
             done += 1
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)
         serial_gflops[threads] = {bench.kernel: _compute_roof_gflops(bench, serial_times) for bench in serial}
-        serial_decode_calls[threads] = {bench.kernel: decode_calls[bench.kernel] for bench in serial}
+        serial_decode_calls[threads] = decode_calls
         done += len(serial)
     for kernel, roofs in _serial_roofs(serial_gflops, serial_decode_calls, cold_call_us).items():
         kernel_roofs[kernel].update(roofs)

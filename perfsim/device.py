@@ -110,50 +110,50 @@ class Device:
         return self.units[name]
 
 
+THREAD_COUNT = "a thread count (a whole number >= 1)"
+
+
+def _is_thread_count(k) -> bool:
+    return isinstance(k, int) and k >= 1
+
+
 def _thread_counts(fields: Fields) -> list:
     """The keys of a mapping by thread count, each checked to be one."""
     for threads in fields.data:
-        if not isinstance(threads, int) or threads < 1:
-            fields.fail(str(threads), "expected a thread count (a whole number >= 1) as the key")
+        if not _is_thread_count(threads):
+            fields.fail(str(threads), f"expected {THREAD_COUNT} as the key")
     return list(fields.data)
+
+
+def _positive_numbers(f: Fields, key: str, key_ok, expected_key: str) -> dict:
+    """{key: positive number} under `key`, if present; every key passes `key_ok`, or the error says
+    `expected_key` is what was expected as the key."""
+    numbers = f.mapping(key, required=False)
+    if numbers is None:
+        return {}
+    for k in numbers.data:
+        if not key_ok(k):
+            numbers.fail(str(k), f"expected {expected_key} as the key")
+    out = {k: numbers.number(k, exclusive_minimum=0) for k in list(numbers.data)}
+    numbers.done()
+    return out
 
 
 def _factors_by_head_dim(f: Fields, key: str) -> dict:
     """{head_dim: positive number} under `key`, if present."""
-    factors = f.mapping(key, required=False)
-    if factors is None:
-        return {}
-    for head_dim in factors.data:
-        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
-            factors.fail(str(head_dim), "expected a head_dim (a whole number >= 1) as the key")
-    out = {head_dim: factors.number(head_dim, exclusive_minimum=0) for head_dim in list(factors.data)}
-    factors.done()
-    return out
+    return _positive_numbers(f, key, lambda k: isinstance(k, int) and not isinstance(k, bool) and k >= 1, "a head_dim (a whole number >= 1)")
 
 
 def _factors_by_op(f: Fields, key: str) -> dict:
     """{decode op name: positive number} under `key`, if present."""
     from perfsim.workload import DECODE_OP_NAMES
 
-    factors = f.mapping(key, required=False)
-    if factors is None:
-        return {}
-    for op in factors.data:
-        if op not in DECODE_OP_NAMES:
-            factors.fail(str(op), f"expected a decode op name ({', '.join(DECODE_OP_NAMES)}) as the key")
-    out = {op: factors.number(op, exclusive_minimum=0) for op in list(factors.data)}
-    factors.done()
-    return out
+    return _positive_numbers(f, key, lambda op: op in DECODE_OP_NAMES, f"a decode op name ({', '.join(DECODE_OP_NAMES)})")
 
 
 def _numbers_by_threads(f: Fields, key: str) -> dict:
     """{thread count: positive number} under `key`, if present."""
-    fields = f.mapping(key, required=False)
-    if fields is None:
-        return {}
-    numbers = {threads: fields.number(threads, exclusive_minimum=0) for threads in _thread_counts(fields)}
-    fields.done()
-    return numbers
+    return _positive_numbers(f, key, _is_thread_count, THREAD_COUNT)
 
 
 def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:

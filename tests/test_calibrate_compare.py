@@ -303,6 +303,13 @@ def test_serial_kernels_in_cache_runs_follow_a_producer_that_writes_their_input(
     assert benches["kv_append.f16"].in_cache.predecessor is not None and benches["silu_mul"].in_cache.predecessor is None
 
 
+def _serial_roof(bench, times, points, cold_call_us=0.0):
+    """A serial kernel's roof at one thread count, by the path measure_host takes: its in-cache roof from
+    the timed calls `times`, then _serial_roofs over its decode points."""
+    gflops = {1: {bench.kernel: calibrate._compute_roof_gflops(bench, times)}}
+    return calibrate._serial_roofs(gflops, {1: {bench.kernel: points}}, {1: cold_call_us})[bench.kernel][1]
+
+
 def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_line_in_k_v_bytes():
     """Hand arithmetic: in-cache calls of 7 us (work W) and 4 us (W/4) make the compute roof 0.75 W / 3 us;
     decode calls of 12 us when a layer's attention reads 1 MB of K/V and 16 us at 41 MB make 0.1 us per MB; the fixed cost
@@ -315,14 +322,14 @@ def test_a_serial_kernels_fixed_cost_is_its_decode_call_beyond_the_roof_as_a_lin
     times = {id(in_cache): 7e-6, id(quarter): 4e-6}
     call_cost = Cost(flops=20_000, act_bytes=36_000)
     points = [calibrate.DecodeShapedPoint(16e-6, call_cost, 41_000_000, 18.0), calibrate.DecodeShapedPoint(12e-6, call_cost, 1_000_000, 18.0)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, points)  # memory at the points' own 18 GB/s
+    roof = _serial_roof(bench, times, points)  # memory at the points' own 18 GB/s
     flops_per_s = 0.75 * work_flops / 3e-6
     assert roof["gflops"] == pytest.approx(flops_per_s / 1e9, rel=1e-3)
     roof_s = max(20_000 / flops_per_s, 36_000 / 18e9)  # 0.27 us compute, 2 us memory
     assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.1, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx((12e-6 - roof_s - 0.1e-6) * 1e6, rel=1e-3)
     faster_long = [dataclasses.replace(points[0], seconds=10e-6), points[1]]  # noise made the long context faster: no negative slope
-    assert calibrate._kernel_roof(bench, None, None, 1, times, faster_long)["overhead_us_per_kv_mb"] == 0
+    assert _serial_roof(bench, times, faster_long)["overhead_us_per_kv_mb"] == 0
 
 
 def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_k_v_bytes_over_both_models_each_scaled_to_the_probe():
@@ -345,19 +352,19 @@ def test_a_serial_kernels_cost_beyond_its_roof_is_a_line_in_k_v_bytes_over_both_
         return calibrate.DecodeShapedPoint(roof_s + beyond_s + extra_s, cost, kv_bytes, 18.0, probe_us, model)
 
     points = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0), point(54_000, 400_000, 40.0, 1), point(54_000, 12_000_000, 40.0, 1)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
+    roof = _serial_roof(bench, times, points, cold_call_us=20.0)
     assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
     assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     # the same calls read against a probe of 40 us all through: the first model's now count double
-    unscaled = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=40.0)
+    unscaled = _serial_roof(bench, times, points, cold_call_us=40.0)
     assert unscaled["overhead_us"] == pytest.approx(6.0, rel=1e-3) and unscaled["overhead_us_per_kv_mb"] == pytest.approx(0.08, rel=1e-3)
     # The first model's long context ran 300 us slower a call (kv_append's rare 10x): over 3x its own
     # short context, it is left out and the other three give the same line. 4 us slower (2.1x) is kept.
     slow = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0, 300e-6)] + points[2:]
-    left_out = calibrate._kernel_roof(bench, None, None, 1, times, slow, cold_call_us=20.0)
+    left_out = _serial_roof(bench, times, slow, cold_call_us=20.0)
     assert left_out["overhead_us"] == pytest.approx(3.0, rel=1e-3) and left_out["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     kept = [point(36_000, 1_000_000, 20.0, 0), point(36_000, 41_000_000, 20.0, 0, 4e-6)] + points[2:]
-    assert calibrate._kernel_roof(bench, None, None, 1, times, kept, cold_call_us=20.0)["overhead_us_per_kv_mb"] > 0.1
+    assert _serial_roof(bench, times, kept, cold_call_us=20.0)["overhead_us_per_kv_mb"] > 0.1
 
 
 def test_a_serial_kernels_cost_beyond_its_roof_grows_with_its_operands_from_one_model_to_the_other():
@@ -379,12 +386,12 @@ def test_a_serial_kernels_cost_beyond_its_roof_grows_with_its_operands_from_one_
         return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, kv_bytes, 18.0, 20.0, model)
 
     points = [point(36_000, 1_000_000, 0), point(36_000, 41_000_000, 0), point(54_000, 400_000, 1), point(54_000, 12_000_000, 1)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
+    roof = _serial_roof(bench, times, points, cold_call_us=20.0)
     assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
     assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     assert roof["overhead_us_per_operand_mb"] == pytest.approx(50.0, rel=1e-3)
     same_size = [point(16_000, 1_000_000, 0), point(16_000, 41_000_000, 0), point(16_000, 400_000, 1), point(16_000, 12_000_000, 1)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, same_size, cold_call_us=20.0)
+    roof = _serial_roof(bench, times, same_size, cold_call_us=20.0)
     assert roof["overhead_us_per_operand_mb"] == 0 and roof["overhead_us"] == pytest.approx(3.0 + 0.8, rel=1e-3)
 
 
@@ -408,13 +415,13 @@ def test_a_serial_kernel_run_by_several_ops_gets_each_ops_multiple_of_the_shared
 
     shapes = ((36_000, 1_000_000, 0), (36_000, 41_000_000, 0), (54_000, 400_000, 1), (54_000, 12_000_000, 1))
     points = [point(op, factor, *shape) for op, factor in (("attn_norm", 1.25), ("ffn_norm", 0.75)) for shape in shapes]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, points, cold_call_us=20.0)
+    roof = _serial_roof(bench, times, points, cold_call_us=20.0)
     assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
     assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
     assert roof["overhead_us_per_operand_mb"] == pytest.approx(50.0, rel=1e-3)
     assert roof["overhead_factor_by_op"] == pytest.approx({"attn_norm": 1.25, "ffn_norm": 0.75}, rel=1e-3)
     assert yaml.safe_load(yaml.safe_dump(roof)) == roof  # the host profile is written with safe_dump: plain floats
-    one_op = calibrate._kernel_roof(bench, None, None, 1, times, [point("ffn_act", 1.0, *shape) for shape in shapes], cold_call_us=20.0)
+    one_op = _serial_roof(bench, times, [point("ffn_act", 1.0, *shape) for shape in shapes], cold_call_us=20.0)
     assert "overhead_factor_by_op" not in one_op and one_op["overhead_us"] == pytest.approx(3.0, rel=1e-3)
 
 
@@ -430,7 +437,7 @@ def test_a_serial_kernels_compute_roof_is_no_slower_than_its_calls_in_decode():
     times = {id(in_cache): 70e-6, id(quarter): 4e-6}
     cost = Cost(flops=6e4, act_bytes=1_000)
     points = [calibrate.DecodeShapedPoint(12e-6, cost, 1_000_000, 18.0), calibrate.DecodeShapedPoint(14e-6, cost, 41_000_000, 18.0)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, points)
+    roof = _serial_roof(bench, times, points)
     assert roof["gflops"] == pytest.approx(5.0, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx(0.0, abs=1e-6) and roof["overhead_us_per_kv_mb"] == pytest.approx(0.05, rel=1e-3)
 
@@ -451,10 +458,10 @@ def test_a_serial_outlier_is_left_out_when_the_compute_floor_leaves_the_short_ca
         return calibrate.DecodeShapedPoint(seconds, cost, kv_bytes, 18.0, 20.0, model, "kv_append")
 
     others = [point(12e-6, 1_000_000, 0), point(12e-6, 400_000, 1), point(13e-6, 12_000_000, 1)]
-    roof = calibrate._kernel_roof(bench, None, None, 1, times, others + [point(56e-6, 41_000_000, 0)], cold_call_us=20.0)
-    assert roof == calibrate._kernel_roof(bench, None, None, 1, times, others, cold_call_us=20.0)
+    roof = _serial_roof(bench, times, others + [point(56e-6, 41_000_000, 0)], cold_call_us=20.0)
+    assert roof == _serial_roof(bench, times, others, cold_call_us=20.0)
     assert roof["gflops"] == pytest.approx(5.0) and roof["overhead_us_per_kv_mb"] < 0.1
-    kept = calibrate._kernel_roof(bench, None, None, 1, times, others + [point(30e-6, 41_000_000, 0)], cold_call_us=20.0)
+    kept = _serial_roof(bench, times, others + [point(30e-6, 41_000_000, 0)], cold_call_us=20.0)
     assert kept["overhead_us_per_kv_mb"] > 0.3
 
 
