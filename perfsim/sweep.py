@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from perfsim.compare import coarse_groups, compare
+from perfsim.compare import GROUP_OF_KIND, coarse_groups, compare
 from perfsim.errors import UserError
 from perfsim.measure import check_threads, measure_decode
 from perfsim.run import plan_run
@@ -57,10 +57,14 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "threads": t, "context": c, "tokens": n_tokens,
                 "predicted_tokens_per_s": comparison.predicted_tokens_per_s,
                 "measured_tokens_per_s": measurement.decode_tokens_per_s,
-                "error": comparison.tokens_per_s_error,
+                "error": comparison.tokens_per_s_error,  # the median of the steps' errors, each against its own prediction
+                "error_of_medians": comparison.tokens_per_s_error_of_medians,
                 "groups": groups,
+                "step_groups": {g: {"predicted_s": p, "measured_s": m} for g, (p, m) in
+                                comparison.step_groups(lambda kind: GROUP_OF_KIND.get(kind, "rest")).items()},
                 "ops": [{k: row[k] for k in ("name", "predicted_s", "measured_s", "error")} for row in comparison.op_rows()],
                 "step_seconds": list(measurement.step_seconds),
+                "predicted_step_seconds": comparison.predicted_step_s,
                 "step_stream_gb_s": list(measurement.step_stream_gb_s),
                 "step_cold_call_us": list(measurement.step_cold_call_us),
                 "step_page_faults": list(measurement.step_page_faults),

@@ -190,10 +190,15 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(r["threads"], r["context"]) for r in records] == [(1, 16), (1, 32)]
     for r in records:
-        assert r["error"] == pytest.approx((r["predicted_tokens_per_s"] - r["measured_tokens_per_s"]) / r["measured_tokens_per_s"])
-        assert set(r["groups"]) == {"gemv", "attention", "rest"}
-        for g in r["groups"].values():
-            assert g["error"] == pytest.approx((g["predicted_s"] - g["measured_s"]) / g["measured_s"])
+        # each step against its own prediction, the median of the two; and the two medians' error
+        assert r["error"] == pytest.approx(statistics.median(m / p - 1 for p, m in zip(r["predicted_step_seconds"], r["step_seconds"])))
+        assert r["error_of_medians"] == pytest.approx((r["predicted_tokens_per_s"] - r["measured_tokens_per_s"]) / r["measured_tokens_per_s"])
+        assert r["predicted_tokens_per_s"] == pytest.approx(1 / statistics.median(r["predicted_step_seconds"]))
+        assert set(r["groups"]) == set(r["step_groups"]) == {"gemv", "attention", "rest"}
+        for name, g in r["groups"].items():
+            steps = r["step_groups"][name]
+            assert g["error"] == pytest.approx(statistics.median((p - m) / m for p, m in zip(steps["predicted_s"], steps["measured_s"])))
+            assert g["predicted_s"] == pytest.approx(statistics.median(steps["predicted_s"]))
         assert len(r["step_seconds"]) == len(r["step_stream_gb_s"]) == len(r["step_steal_s"]) == 2
         assert r["stolen_fraction"] == pytest.approx(sum(r["step_steal_s"]) / sum(r["step_seconds"]))
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1"]]
@@ -213,24 +218,45 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     device = device_from_data(fake_profile(), "fake.yaml")
     engine = Engine.random(TINY, "q4_0", "f16")
     measurement = measure_decode(engine, context=32, n_tokens=4, threads=1)
-    c = compare(device, measurement)
-    assert len(c.predictions) == 4 and [p.context for p in c.predictions] == [29, 30, 31, 32]
-    # each step follows its own streaming pass; the roof of the comparison is their median
+    # each step follows its own streaming pass
     assert len(measurement.step_stream_gb_s) == 4 and all(bw > 0 for bw in measurement.step_stream_gb_s)
     assert measurement.stream_gb_s == statistics.median(measurement.step_stream_gb_s)
-    assert c.predictions[0].roofs.bandwidth_bytes_per_s == pytest.approx(measurement.stream_gb_s * 1e9)
-    expected = (c.predicted_tokens_per_s - measurement.decode_tokens_per_s) / measurement.decode_tokens_per_s
-    assert c.tokens_per_s_error == pytest.approx(expected)
-    # a slower measurement makes the (same) prediction look more optimistic
-    slower = dataclasses.replace(measurement, step_seconds=tuple(2 * s for s in measurement.step_seconds))
-    assert compare(device, slower).tokens_per_s_error == pytest.approx(2 * (1 + expected) - 1)
-    # so does a cold-call probe; this profile has none to scale by
     assert len(measurement.step_cold_call_us) == 4 and measurement.cold_call_us == statistics.median(measurement.step_cold_call_us) > 0
-    groups = coarse_groups(c)
-    assert set(groups) == {"gemv", "attention", "rest"}
+    # Two host states 16x apart, alternating: each step is predicted at its own context and memory roof
+    measurement = dataclasses.replace(measurement, step_stream_gb_s=(2.5, 40.0, 2.5, 40.0))
+    c = compare(device, measurement)
+    assert [p.context for p in c.predictions] == [29, 30, 31, 32]
+    assert [p.roofs.bandwidth_bytes_per_s for p in c.predictions] == pytest.approx([2.5e9, 40e9, 2.5e9, 40e9])
+    predicted_s = [p.decode_s for p in c.predictions]
+    assert predicted_s[0] > 2 * predicted_s[1]  # at 2.5 GB/s this tiny model's decode is mostly its weights' bytes
+
+    # Every step 1.25x its own prediction: +25% tokens/s (the model promised more speed), -20% of time in every group
+    op_seconds = {name: tuple(1.25 * t.time_s for p in c.predictions for t in p.ops if t.op.name == name) for name in measurement.op_seconds}
+    each_slower = dataclasses.replace(measurement, step_seconds=tuple(1.25 * s for s in predicted_s), op_seconds=op_seconds)
+    c = compare(device, each_slower)
+    assert c.tokens_per_s_error == pytest.approx(0.25)
+    assert all(g["error"] == pytest.approx(-0.2) for g in coarse_groups(c).values())
+    assert all(row["error"] == pytest.approx(-0.2) for row in c.group_rows() + c.op_rows())
+    assert c.predicted_tokens_per_s == pytest.approx(1 / statistics.median(predicted_s))
+
+    # The same step times with the host states swapped: a slow step now had the fast memory. Each step
+    # is compared with its own prediction, so the error follows the pairing; the medians' does not.
+    swapped = dataclasses.replace(each_slower, step_stream_gb_s=(40.0, 2.5, 40.0, 2.5))
+    c = compare(device, swapped)
+    swapped_s = [p.decode_s for p in c.predictions]
+    expected = statistics.median(m / p - 1 for p, m in zip(swapped_s, swapped.step_seconds))
+    assert c.tokens_per_s_error == pytest.approx(expected) and abs(expected - 0.25) > 0.2
+    assert c.tokens_per_s_error_of_medians == pytest.approx(statistics.median(swapped_s) ** -1 / swapped.decode_tokens_per_s - 1)
+    assert c.tokens_per_s_error_of_medians == pytest.approx(0.25, abs=0.005)  # the contexts differ by a position
+
+    # a slower measurement makes the (same) prediction look more optimistic
+    slower = dataclasses.replace(swapped, step_seconds=tuple(2 * s for s in swapped.step_seconds))
+    assert compare(device, slower).tokens_per_s_error == pytest.approx(2 * (1 + expected) - 1)
     record = json.loads(json.dumps(comparison_record(c)))
     assert {"predicted", "measured", "error"} <= set(record)
     assert record["error"]["decode_tokens_per_s"] == pytest.approx(expected)
+    assert record["error"]["decode_tokens_per_s_of_medians"] == pytest.approx(c.tokens_per_s_error_of_medians)
+    assert record["predicted"]["step_seconds"] == pytest.approx(swapped_s)
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
 
 
