@@ -80,12 +80,14 @@ def benchmark_gguf_path():
 
 def _llama_cpp_tokens_per_s(path, context: int, n_tokens: int, threads: int) -> float | None:
     """llama.cpp's decode on the same GGUF: a prompt fills the cache to context - n_tokens, then
-    n_tokens single-token evals are timed (median), as perfsim's engine does."""
+    n_tokens single-token evals are timed (their interquartile mean), as perfsim's measured decode does."""
     try:
         import llama_cpp
     except ImportError:
         return None
     import os
+
+    from perfsim.measure import interquartile_mean
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=context + 8, n_batch=512, n_threads=threads,
                           n_threads_batch=os.cpu_count(), n_gpu_layers=0, use_mmap=True, verbose=False)
@@ -98,7 +100,7 @@ def _llama_cpp_tokens_per_s(path, context: int, n_tokens: int, threads: int) -> 
         llm.eval([token + i])
         times.append(time.perf_counter() - start)
     del llm
-    return 1.0 / statistics.median(times)
+    return 1.0 / interquartile_mean(times)
 
 
 def bench_decode(contexts=(16, 512), n_tokens: int = 16) -> None:
@@ -114,7 +116,7 @@ def bench_decode(contexts=(16, 512), n_tokens: int = 16) -> None:
     print()
     path = benchmark_gguf_path()
     engine = Engine.from_gguf(path)
-    print(f"whole-model decode, {path.name}, median of {n_tokens} tokens ending at each context:")
+    print(f"whole-model decode, {path.name}, mean of the middle half of {n_tokens} tokens ending at each context:")
     print(f"{'threads':>7} {'context':>8} {'perfsim tok/s':>14} {'llama.cpp tok/s':>16} {'ratio':>7}")
     for t in threads:
         for context in contexts:

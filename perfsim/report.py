@@ -160,7 +160,7 @@ def format_measurement(m) -> str:
         f"{m.model.name} measured on this host ({m.threads} threads), weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
         f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}",
         "",
-        f"measured decode       {m.decode_tokens_per_s:8.2f} tokens/s   ({m.ms_per_token:.2f} ms/token, median of {len(m.step_seconds)} steps)",
+        f"measured decode       {m.decode_tokens_per_s:8.2f} tokens/s   ({m.ms_per_token:.2f} ms/token, mean of the middle half of {len(m.step_seconds)} steps)",
         f"load + repack          {m.load_s:8.2f} s",
         f"JIT warm-up            {m.warmup_s:8.2f} s           (first step minus a steady one)",
         f"peak resident memory  {m.peak_rss_bytes / GB:8.3f} GB",
@@ -184,7 +184,7 @@ def comparison_record(c) -> dict:
     record = run_record(c.measurement)
     last = c.predictions[-1]
     predicted = prediction_record(last)
-    predicted["decode_tokens_per_s"] = c.predicted_tokens_per_s  # the median over the measured steps
+    predicted["decode_tokens_per_s"] = c.predicted_tokens_per_s  # the interquartile mean over the measured steps
     predicted["ms_per_token"] = c.predicted_ms_per_token
     predicted["step_seconds"] = c.predicted_step_s  # each measured step's, at its context and host state
     predicted_op_s = c.predicted_op_s()
@@ -194,11 +194,10 @@ def comparison_record(c) -> dict:
         predicted=predicted,
         measured=measurement_record(c.measurement),
         error={
-            "definition": "(predicted - measured) / measured, each measured step against its own prediction (at its context, for "
-                          "the host as its streaming pass and cold-call probe found it), the median over the steps; "
+            "definition": "(predicted - measured) / measured, each the interquartile mean of the measured steps and of their "
+                          "predictions (each at its context, for the host as its streaming pass and cold-call probe found it); "
                           "tokens/s: positive = the model promised more speed than measured",
             "decode_tokens_per_s": c.tokens_per_s_error,
-            "decode_tokens_per_s_of_medians": c.tokens_per_s_error_of_medians,  # predicted median step against measured median step
             "ops": [{"name": r["name"], "kind": r["kind"], "error": r["error"]} for r in c.op_rows()],
             "groups": c.group_rows(),
             "gemv_attention_rest": coarse_groups(c),
@@ -218,8 +217,6 @@ def format_comparison(c) -> str:
         "                 predicted    measured    error",
         f"tokens/s         {c.predicted_tokens_per_s:9.2f}   {m.decode_tokens_per_s:9.2f}   {100 * c.tokens_per_s_error:+6.1f}%",
         f"ms/token         {c.predicted_ms_per_token:9.2f}   {m.ms_per_token:9.2f}",
-        f"(an error is each step's against its own prediction, the median over the steps; the two medians above: "
-        f"{100 * c.tokens_per_s_error_of_medians:+.1f}%)",
         "",
     ]
     rows = [[g["kind"], f"{1e3 * g['predicted_s']:.3f}", f"{1e3 * g['measured_s']:.3f}", f"{100 * g['error']:+.1f}%", g["bound"],

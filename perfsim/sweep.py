@@ -57,8 +57,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "threads": t, "context": c, "tokens": n_tokens,
                 "predicted_tokens_per_s": comparison.predicted_tokens_per_s,
                 "measured_tokens_per_s": measurement.decode_tokens_per_s,
-                "error": comparison.tokens_per_s_error,  # the median of the steps' errors, each against its own prediction
-                "error_of_medians": comparison.tokens_per_s_error_of_medians,
+                "error": comparison.tokens_per_s_error,
                 "groups": groups,
                 "step_groups": {g: {"predicted_s": p, "measured_s": m} for g, (p, m) in
                                 comparison.step_groups(lambda kind: GROUP_OF_KIND.get(kind, "rest")).items()},

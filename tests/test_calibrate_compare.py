@@ -190,15 +190,16 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [(r["threads"], r["context"]) for r in records] == [(1, 16), (1, 32)]
     for r in records:
-        # each step against its own prediction, the median of the two; and the two medians' error
-        assert r["error"] == pytest.approx(statistics.median(m / p - 1 for p, m in zip(r["predicted_step_seconds"], r["step_seconds"])))
-        assert r["error_of_medians"] == pytest.approx((r["predicted_tokens_per_s"] - r["measured_tokens_per_s"]) / r["measured_tokens_per_s"])
-        assert r["predicted_tokens_per_s"] == pytest.approx(1 / statistics.median(r["predicted_step_seconds"]))
+        # the interquartile means (of 2 steps: their mean) of the measured steps and of their predictions
+        assert r["predicted_tokens_per_s"] == pytest.approx(1 / statistics.fmean(r["predicted_step_seconds"]))
+        assert r["measured_tokens_per_s"] == pytest.approx(1 / statistics.fmean(r["step_seconds"]))
+        assert r["error"] == pytest.approx((r["predicted_tokens_per_s"] - r["measured_tokens_per_s"]) / r["measured_tokens_per_s"])
         assert set(r["groups"]) == set(r["step_groups"]) == {"gemv", "attention", "rest"}
         for name, g in r["groups"].items():
             steps = r["step_groups"][name]
-            assert g["error"] == pytest.approx(statistics.median((p - m) / m for p, m in zip(steps["predicted_s"], steps["measured_s"])))
-            assert g["predicted_s"] == pytest.approx(statistics.median(steps["predicted_s"]))
+            assert g["predicted_s"] == pytest.approx(statistics.fmean(steps["predicted_s"]))
+            assert g["measured_s"] == pytest.approx(statistics.fmean(steps["measured_s"]))
+            assert g["error"] == pytest.approx((g["predicted_s"] - g["measured_s"]) / g["measured_s"])
         assert len(r["step_seconds"]) == len(r["step_stream_gb_s"]) == len(r["step_steal_s"]) == 2
         assert r["stolen_fraction"] == pytest.approx(sum(r["step_steal_s"]) / sum(r["step_seconds"]))
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1"]]
@@ -210,6 +211,24 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
     bad = subprocess.run(command + ["--contexts", "16,x"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "--contexts" in bad.stderr and not output.exists()
+
+
+def test_a_measurement_reports_the_interquartile_mean_of_its_steps():
+    """The mean of the middle half: of 1..16 s, the mean of 5..12 s; a step 100x the others or a
+    bimodal half does not move it beyond the middle half's range; under 4 steps, the plain mean."""
+    from perfsim.measure import Measurement, interquartile_mean
+
+    assert interquartile_mean(range(16, 0, -1)) == 8.5
+    assert interquartile_mean([1.0, 2.0, 6.0]) == 3.0
+    assert interquartile_mean([7.0]) == 7.0
+    steps = (0.1,) * 7 + (0.14,) * 8 + (10.0,)  # 7 fast steps, 8 in the slow mode, one disturbed
+    ops = {"attn_qkv": tuple(s / 2 for s in steps)}
+    m = Measurement(model=TINY, formats=Engine.random(TINY, "q4_0", "f16").formats, threads=1, contexts=tuple(range(1, 17)),
+                    step_seconds=steps, op_seconds=ops, load_s=0.0, warmup_s=0.0, peak_rss_bytes=0, weights_origin="test")
+    assert m.ms_per_token == pytest.approx(1e3 * (3 * 0.1 + 5 * 0.14) / 8)
+    assert m.decode_tokens_per_s == pytest.approx(8 / (3 * 0.1 + 5 * 0.14))
+    assert m.op_time_s("attn_qkv") == pytest.approx((3 * 0.1 + 5 * 0.14) / 16)
+    assert measurement_record(m)["ms_per_token"] == pytest.approx(m.ms_per_token)
 
 
 def test_comparison_errors_are_signed_relative_to_the_measurement():
@@ -237,17 +256,16 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     assert c.tokens_per_s_error == pytest.approx(0.25)
     assert all(g["error"] == pytest.approx(-0.2) for g in coarse_groups(c).values())
     assert all(row["error"] == pytest.approx(-0.2) for row in c.group_rows() + c.op_rows())
-    assert c.predicted_tokens_per_s == pytest.approx(1 / statistics.median(predicted_s))
+    assert c.predicted_tokens_per_s == pytest.approx(1 / statistics.fmean(sorted(predicted_s)[1:3]))
 
-    # The same step times with the host states swapped: a slow step now had the fast memory. Each step
-    # is compared with its own prediction, so the error follows the pairing; the medians' does not.
+    # The same step times with the host states swapped: a slow step now had the fast memory. Predicted
+    # and measured steps are each summarized by their interquartile mean, then compared.
     swapped = dataclasses.replace(each_slower, step_stream_gb_s=(40.0, 2.5, 40.0, 2.5))
     c = compare(device, swapped)
     swapped_s = [p.decode_s for p in c.predictions]
-    expected = statistics.median(m / p - 1 for p, m in zip(swapped_s, swapped.step_seconds))
-    assert c.tokens_per_s_error == pytest.approx(expected) and abs(expected - 0.25) > 0.2
-    assert c.tokens_per_s_error_of_medians == pytest.approx(statistics.median(swapped_s) ** -1 / swapped.decode_tokens_per_s - 1)
-    assert c.tokens_per_s_error_of_medians == pytest.approx(0.25, abs=0.005)  # the contexts differ by a position
+    assert swapped_s[0] < swapped_s[1] and c.predicted_tokens_per_s == pytest.approx(1 / statistics.fmean(sorted(swapped_s)[1:3]))
+    expected = c.predicted_tokens_per_s / swapped.decode_tokens_per_s - 1
+    assert c.tokens_per_s_error == pytest.approx(expected) == pytest.approx(0.25, abs=0.005)  # the contexts differ by a position
 
     # a slower measurement makes the (same) prediction look more optimistic
     slower = dataclasses.replace(swapped, step_seconds=tuple(2 * s for s in swapped.step_seconds))
@@ -255,7 +273,6 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     record = json.loads(json.dumps(comparison_record(c)))
     assert {"predicted", "measured", "error"} <= set(record)
     assert record["error"]["decode_tokens_per_s"] == pytest.approx(expected)
-    assert record["error"]["decode_tokens_per_s_of_medians"] == pytest.approx(c.tokens_per_s_error_of_medians)
     assert record["predicted"]["step_seconds"] == pytest.approx(swapped_s)
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
 
