@@ -208,15 +208,22 @@ def comparison_record(c) -> dict:
 
 
 def format_comparison(c) -> str:
+    from perfsim.measure import middle_half
+
     m = c.measurement
     f = m.formats
+    measured_steps, predicted_steps = middle_half(m.step_seconds), middle_half(c.predicted_step_s)
+    passes = m.step_stream_gb_s or (m.stream_gb_s,)
     lines = [
         f"{m.model.name} on this host ({m.threads} threads): weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
         f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}; prediction from {c.device.path}",
         "",
-        "                 predicted    measured    error",
+        "                 predicted    measured    error   (mean of the middle half of the steps)",
         f"tokens/s         {c.predicted_tokens_per_s:9.2f}   {m.decode_tokens_per_s:9.2f}   {100 * c.tokens_per_s_error:+6.1f}%",
         f"ms/token         {c.predicted_ms_per_token:9.2f}   {m.ms_per_token:9.2f}",
+        f"middle half of the steps: measured {1e3 * measured_steps[0]:.2f}-{1e3 * measured_steps[-1]:.2f} ms, predicted "
+        f"{1e3 * predicted_steps[0]:.2f}-{1e3 * predicted_steps[-1]:.2f} ms (each step predicted for the streaming read before it: "
+        f"{min(passes):.1f}-{max(passes):.1f} GB/s)",
         "",
     ]
     rows = [[g["kind"], f"{1e3 * g['predicted_s']:.3f}", f"{1e3 * g['measured_s']:.3f}", f"{100 * g['error']:+.1f}%", g["bound"],

@@ -274,6 +274,13 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     assert {"predicted", "measured", "error"} <= set(record)
     assert record["error"]["decode_tokens_per_s"] == pytest.approx(expected)
     assert record["predicted"]["step_seconds"] == pytest.approx(swapped_s)
+    from perfsim.report import format_comparison
+
+    text = format_comparison(c)
+    tokens_line = next(line for line in text.splitlines() if line.startswith("tokens/s"))
+    assert tokens_line.split() == ["tokens/s", f"{c.predicted_tokens_per_s:.2f}", f"{swapped.decode_tokens_per_s:.2f}", f"{100 * expected:+.1f}%"]
+    middle = sorted(swapped_s)[1:3]  # of 4 steps, the middle 2
+    assert f"predicted {1e3 * middle[0]:.2f}-{1e3 * middle[1]:.2f} ms" in text and "2.5-40.0 GB/s" in text
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
 
 
