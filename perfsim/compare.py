@@ -150,11 +150,16 @@ def compare(device: Device, measurement: Measurement, same_run_host: bool = True
 GROUP_OF_KIND = {"gemv": "gemv", "attention": "attention"}
 
 
+def coarse_group(kind: str) -> str:
+    """GEMVs, attention, or the rest (every other op kind)."""
+    return GROUP_OF_KIND.get(kind, "rest")
+
+
 def coarse_groups(comparison: Comparison) -> dict:
     """GEMVs, attention, and the rest: predicted and measured seconds a step (interquartile means of the
     steps' sums), signed error."""
     out = {}
-    for group, (predicted, measured) in comparison.step_groups(lambda kind: GROUP_OF_KIND.get(kind, "rest")).items():
+    for group, (predicted, measured) in comparison.step_groups(coarse_group).items():
         predicted_s, measured_s = interquartile_mean(predicted), interquartile_mean(measured)
         out[group] = {"predicted_s": predicted_s, "measured_s": measured_s, "error": _error(predicted_s, measured_s)}
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from perfsim.compare import GROUP_OF_KIND, coarse_groups, compare
+from perfsim.compare import coarse_group, coarse_groups, compare
 from perfsim.errors import UserError
 from perfsim.measure import check_threads, measure_decode
 from perfsim.run import plan_run
@@ -59,8 +59,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "measured_tokens_per_s": measurement.decode_tokens_per_s,
                 "error": comparison.tokens_per_s_error,
                 "groups": groups,
-                "step_groups": {g: {"predicted_s": p, "measured_s": m} for g, (p, m) in
-                                comparison.step_groups(lambda kind: GROUP_OF_KIND.get(kind, "rest")).items()},
+                "step_groups": {g: {"predicted_s": p, "measured_s": m} for g, (p, m) in comparison.step_groups(coarse_group).items()},
                 "ops": [{k: row[k] for k in ("name", "predicted_s", "measured_s", "error")} for row in comparison.op_rows()],
                 "step_seconds": list(measurement.step_seconds),
                 "predicted_step_seconds": comparison.predicted_step_s,
