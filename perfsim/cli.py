@@ -247,13 +247,15 @@ def cmd_sweep(args) -> int:
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from perfsim.calibrate import calibrate_host, host_profile_path
+    from perfsim.calibrate import busy_host_warning, calibrate_host, host_profile_path
 
     path = Path(args.output) if args.output else host_profile_path()
     device = calibrate_host(progress_bar, path)
     unit = device.unit()
     bandwidths = ", ".join(f"{t} threads {bw:.1f} GB/s" for t, bw in unit.bandwidth_gb_s_by_threads.items())
     print(f"host profile written to {path} ({device.calibration['seconds']:.0f} s): read bandwidth {bandwidths}")
+    if warning := busy_host_warning(device):
+        print(warning, file=sys.stderr)
     return 0
 
 

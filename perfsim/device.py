@@ -269,6 +269,8 @@ def device_from_data(data, where: str) -> Device:
             "perfsim_version": c.text("perfsim_version"), "calibration_version": c.integer("calibration_version", minimum=1),
             "seconds": c.number("seconds", minimum=0),
         }
+        if c.data.get("other_load_fraction") is not None:  # CPU time other processes took meanwhile, over the cores' time
+            calibration["other_load_fraction"] = c.number("other_load_fraction", minimum=0)
         c.done()
     device = Device(
         name=name,

@@ -89,16 +89,30 @@ def _page_faults() -> int:
 _TICKS_PER_S = []
 
 
-def _steal_s(path: str = "/proc/stat") -> float:
-    """Seconds stolen from all of this VM's vCPUs since boot (0.0 where /proc/stat has no steal column)."""
+def _all_cpus_ticks(path: str) -> list[int]:
+    """The all-CPUs line of /proc/stat (user nice system idle iowait irq softirq steal ...), in clock
+    ticks since boot; [] where it cannot be read."""
     if not _TICKS_PER_S:
         _TICKS_PER_S.append(os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
     try:
         with open(path, encoding="ascii") as f:
             fields = f.readline().split()
-        return int(fields[8]) / _TICKS_PER_S[0] if fields[0] == "cpu" and len(fields) > 8 else 0.0
+        return [int(v) for v in fields[1:]] if fields and fields[0] == "cpu" else []
     except (OSError, ValueError):
-        return 0.0
+        return []
+
+
+def _steal_s(path: str = "/proc/stat") -> float:
+    """Seconds stolen from all of this VM's vCPUs since boot (0.0 where /proc/stat has no steal column)."""
+    ticks = _all_cpus_ticks(path)
+    return ticks[7] / _TICKS_PER_S[0] if len(ticks) > 7 else 0.0
+
+
+def busy_cpu_s(path: str = "/proc/stat") -> float:
+    """Seconds all CPUs spent running something since boot (user, nice, system, irq, softirq), ours
+    and every other process's; 0.0 where /proc/stat cannot be read."""
+    ticks = _all_cpus_ticks(path)
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / _TICKS_PER_S[0] if len(ticks) > 6 else 0.0
 
 
 def available_threads() -> int:

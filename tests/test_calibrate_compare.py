@@ -131,6 +131,48 @@ def test_steal_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
     assert _steal_s(str(tmp_path / "missing")) == 0.0
 
 
+def test_busy_cpu_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
+    from perfsim.measure import busy_cpu_s
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal: idle, iowait and steal are not busy
+    stat.write_text(f"cpu  {4 * ticks} {ticks} {2 * ticks} 999999 888 {ticks} {ticks} 777 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert busy_cpu_s(str(stat)) == pytest.approx(9.0)
+    assert busy_cpu_s(str(tmp_path / "missing")) == 0.0
+
+
+def test_a_calibration_on_a_busy_host_says_so(cache, monkeypatch, capsys):
+    """Other processes' share of the cores while calibration ran is kept in the profile; over 20%, the
+    calibration (perfsim calibrate, or one made on demand) prints a warning that names it."""
+    from perfsim.cli import main
+    from perfsim.device import device_from_data
+
+    def profile(fraction):
+        data = fake_profile()
+        data["calibration"]["other_load_fraction"] = fraction
+        return data
+
+    quiet, busy = device_from_data(profile(0.05), "q.yaml"), device_from_data(profile(0.45), "b.yaml")
+    assert quiet.calibration["other_load_fraction"] == 0.05 and calibrate.busy_host_warning(quiet) is None
+    assert calibrate.busy_host_warning(device_from_data(fake_profile(), "old.yaml")) is None  # profiles from before: no record
+    warning = calibrate.busy_host_warning(busy)
+    assert "45%" in warning and f"{busy.calibration['cores']} cores" in warning and "perfsim calibrate" in warning
+
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile(0.45))
+    assert main(["calibrate"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == warning
+    calibrate.host_profile_path().unlink()
+    messages = []
+    calibrate.load_host_profile(message=messages.append)
+    assert messages[-1] == warning
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile(0.05))
+    assert main(["calibrate"]) == 0 and "warning" not in capsys.readouterr().err
+
+    with pytest.raises(UserError, match="other_load_fraction"):
+        device_from_data(profile(-0.1), "bad.yaml")
+
+
 def _decode_with_steal(monkeypatch, stolen_during_call):
     """measure_decode of TINY (4 tokens) with /proc/stat's steal faked: Session.step call number k (the
     warm-up is 1) advances it by stolen_during_call(k) seconds. Returns the measurement and the tokens
@@ -327,6 +369,7 @@ def test_real_calibration_writes_a_valid_profile_in_under_a_minute(tmp_path):
     assert set(unit.cold_call_us_by_threads) == set(unit.bandwidth_gb_s_by_threads)
     assert device.calibration["cpu_model"] == calibrate.cpu_model()
     assert device.calibration["seconds"] < 90  # "under a minute" on a quiet machine; CI shares the box
+    assert 0 <= device.calibration["other_load_fraction"] <= 1
 
 
 def test_serial_kernels_in_cache_runs_follow_a_producer_that_writes_their_input():
