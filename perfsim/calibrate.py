@@ -883,6 +883,8 @@ def load_host_profile(progress=None, message=None, recalibrate: bool = True) -> 
             device = load_device_file(path)
             stale = stale_reason(device)
             if stale is None:
+                if warning := busy_host_warning(device):  # every time it is used, not only when it was made
+                    tell(warning)
                 return device
             reason = f"the host profile at {path} is stale: {stale}"
         except UserError as e:

@@ -162,12 +162,16 @@ def test_a_calibration_on_a_busy_host_says_so(cache, monkeypatch, capsys):
     monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile(0.45))
     assert main(["calibrate"]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == warning
-    calibrate.host_profile_path().unlink()
     messages = []
-    calibrate.load_host_profile(message=messages.append)
-    assert messages[-1] == warning
+    calibrate.load_host_profile(message=messages.append)  # the busy profile, saved: used, and said so again
+    assert messages == [warning]
+    calibrate.host_profile_path().unlink()
+    calibrate.load_host_profile(message=messages.append)  # made on demand
+    assert len(messages) == 3 and "no host profile" in messages[1] and messages[2] == warning
     monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile(0.05))
     assert main(["calibrate"]) == 0 and "warning" not in capsys.readouterr().err
+    calibrate.load_host_profile(message=messages.append)
+    assert len(messages) == 3
 
     with pytest.raises(UserError, match="other_load_fraction"):
         device_from_data(profile(-0.1), "bad.yaml")
