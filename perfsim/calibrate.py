@@ -870,29 +870,27 @@ def stale_reason(device: Device) -> str | None:
 
 
 def load_host_profile(progress=None, message=None, recalibrate: bool = True) -> Device:
-    """The saved host profile; missing, stale or corrupt, it is re-measured (with a message)."""
+    """The saved host profile; missing, stale or corrupt, it is re-measured (with a message). One
+    calibrated on a busy host is used, with a warning (busy_host_warning) each time."""
     from perfsim.device import load_device_file
 
     path = host_profile_path()
     tell = message or (lambda text: None)
-    reason = None
+    device, reason = None, None
     if not path.exists():
         reason = f"no host profile at {path}"
     else:
         try:
             device = load_device_file(path)
-            stale = stale_reason(device)
-            if stale is None:
-                if warning := busy_host_warning(device):  # every time it is used, not only when it was made
-                    tell(warning)
-                return device
-            reason = f"the host profile at {path} is stale: {stale}"
+            if stale := stale_reason(device):
+                device, reason = None, f"the host profile at {path} is stale: {stale}"
         except UserError as e:
             reason = f"the host profile at {path} is unreadable ({e})"
-    if not recalibrate:
-        raise UserError(f"{reason}; run 'perfsim calibrate'")
-    tell(f"{reason}; calibrating this host (under a minute) ...")
-    device = calibrate_host(progress, path)
+    if device is None:
+        if not recalibrate:
+            raise UserError(f"{reason}; run 'perfsim calibrate'")
+        tell(f"{reason}; calibrating this host (under a minute) ...")
+        device = calibrate_host(progress, path)
     if warning := busy_host_warning(device):
         tell(warning)
     return device

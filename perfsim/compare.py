@@ -23,6 +23,12 @@ def _error(predicted_s: float, measured_s: float) -> float | None:
     return (predicted_s - measured_s) / measured_s if measured_s > 0 else None
 
 
+def group_summary(predicted_steps: list, measured_steps: list) -> dict:
+    """A group's predicted and measured seconds a step (interquartile means of its steps) and signed error."""
+    predicted_s, measured_s = interquartile_mean(predicted_steps), interquartile_mean(measured_steps)
+    return {"predicted_s": predicted_s, "measured_s": measured_s, "error": _error(predicted_s, measured_s)}
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A measured decode against its prediction, step by step.
@@ -103,11 +109,10 @@ class Comparison:
             bytes_by_kind[t.op.kind] += t.op.bytes
             bound_s[t.op.kind][t.bound] += predicted_op_s[t.op.name]
         out = []
-        for kind, (predicted, measured) in self.step_groups(lambda k: k).items():
-            predicted_s, measured_s = interquartile_mean(predicted), interquartile_mean(measured)
-            out.append({"kind": kind, "predicted_s": predicted_s, "measured_s": measured_s, "error": _error(predicted_s, measured_s),
-                        "bound": max(bound_s[kind], key=bound_s[kind].get),
-                        "measured_memory_roof_fraction": bytes_by_kind[kind] / measured_s / bandwidth})
+        for kind, steps in self.step_groups(lambda k: k).items():
+            summary = group_summary(*steps)
+            out.append({"kind": kind, **summary, "bound": max(bound_s[kind], key=bound_s[kind].get),
+                        "measured_memory_roof_fraction": bytes_by_kind[kind] / summary["measured_s"] / bandwidth})
         return out
 
 
@@ -136,11 +141,8 @@ def compare(device: Device, measurement: Measurement, same_run_host: bool = True
     """Each measured step predicted at its context; with same_run_host, for the host as that step's own
     streaming pass and cold-call probe found it (a run without them per step: their medians)."""
     m = measurement
-    n_steps = len(m.step_seconds)
-    passes = m.step_stream_gb_s or (m.stream_gb_s,) * n_steps
-    probes = m.step_cold_call_us or (m.cold_call_us,) * n_steps
     predictions = []
-    for context, stream_gb_s, cold_call_us in zip(m.contexts, passes, probes):
+    for context, stream_gb_s, cold_call_us in zip(m.contexts, m.each_step_stream_gb_s, m.each_step_cold_call_us):
         step_device = with_same_run_host(device, m.threads, stream_gb_s, cold_call_us) if same_run_host and stream_gb_s > 0 else device
         predictions.append(predict(m.model, m.formats, step_device, context, prompt_tokens=1, threads=m.threads))
     return Comparison(device, m, tuple(predictions))
@@ -158,8 +160,4 @@ def coarse_group(kind: str) -> str:
 def coarse_groups(comparison: Comparison) -> dict:
     """GEMVs, attention, and the rest: predicted and measured seconds a step (interquartile means of the
     steps' sums), signed error."""
-    out = {}
-    for group, (predicted, measured) in comparison.step_groups(coarse_group).items():
-        predicted_s, measured_s = interquartile_mean(predicted), interquartile_mean(measured)
-        out[group] = {"predicted_s": predicted_s, "measured_s": measured_s, "error": _error(predicted_s, measured_s)}
-    return out
+    return {group: group_summary(*steps) for group, steps in comparison.step_groups(coarse_group).items()}

@@ -80,6 +80,16 @@ class Measurement:
     def op_time_s(self, name: str) -> float:
         return interquartile_mean(self.op_seconds[name])
 
+    @property
+    def each_step_stream_gb_s(self) -> tuple:
+        """The streaming pass before each step; a run that kept only their median: it, for every step."""
+        return self.step_stream_gb_s or (self.stream_gb_s,) * len(self.step_seconds)
+
+    @property
+    def each_step_cold_call_us(self) -> tuple:
+        """The cold-call probe before each step; a run that kept only their median: it, for every step."""
+        return self.step_cold_call_us or (self.cold_call_us,) * len(self.step_seconds)
+
 
 def _page_faults() -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -213,7 +213,7 @@ def format_comparison(c) -> str:
     m = c.measurement
     f = m.formats
     measured_steps, predicted_steps = middle_half(m.step_seconds), middle_half(c.predicted_step_s)
-    passes = m.step_stream_gb_s or (m.stream_gb_s,)
+    passes = m.each_step_stream_gb_s
     lines = [
         f"{m.model.name} on this host ({m.threads} threads): weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
         f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}; prediction from {c.device.path}",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from perfsim.compare import coarse_group, coarse_groups, compare
+from perfsim.compare import coarse_group, compare, group_summary
 from perfsim.errors import UserError
 from perfsim.measure import check_threads, measure_decode
 from perfsim.run import plan_run
@@ -51,15 +51,15 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
             start = time.perf_counter()
             measurement = measure_decode(engine, c, n_tokens, t)
             comparison = compare(device, measurement)
-            groups = coarse_groups(comparison)
+            step_groups = comparison.step_groups(coarse_group)
             record = {
                 "model": engine.model.name, "weights": engine.formats.weights.name, "kv_cache": engine.formats.kv_cache.name,
                 "threads": t, "context": c, "tokens": n_tokens,
                 "predicted_tokens_per_s": comparison.predicted_tokens_per_s,
                 "measured_tokens_per_s": measurement.decode_tokens_per_s,
                 "error": comparison.tokens_per_s_error,
-                "groups": groups,
-                "step_groups": {g: {"predicted_s": p, "measured_s": m} for g, (p, m) in comparison.step_groups(coarse_group).items()},
+                "groups": {g: group_summary(*steps) for g, steps in step_groups.items()},
+                "step_groups": {g: {"predicted_s": p, "measured_s": m} for g, (p, m) in step_groups.items()},
                 "ops": [{k: row[k] for k in ("name", "predicted_s", "measured_s", "error")} for row in comparison.op_rows()],
                 "step_seconds": list(measurement.step_seconds),
                 "predicted_step_seconds": comparison.predicted_step_s,
