@@ -7,8 +7,9 @@ What is measured, at each thread count, and never the end-to-end decode it is la
     streaming pass then a sweep over operands 3x the L3), at shapes no Phi-3 model has (4096-wide
     matrices, 16 heads of 128). For the kernels Phi-3 decode spends its time in by default (q4_0 GEMVs,
     attention, the serial ops: norms, RoPE, kv_append, ...), the fixed cost and the overlap are fitted
-    instead on their calls in the engine's decode of two 4-layer models of other shapes, at two contexts
-    (DECODE_SHAPED_MODEL, and the larger DECODE_SHAPED_GQA_MODEL with grouped-query attention): what
+    instead on their calls in the engine's decode of small models of other shapes, at two contexts
+    (DECODE_SHAPED_MODEL, the larger DECODE_SHAPED_GQA_MODEL with grouped-query attention, and for the
+    serial ops DECODE_SHAPED_WIDE_MODEL, the second with an MLP 2.7x wider): what
     those ops cost depends on what runs between them, and stand-ins for that (a producer stream, sweeps
     in a loop of their own) missed by up to 2x, or swung from one calibration to the next. The other
     formats' kernels keep the microbenchmark fits (a tiny problem after a streaming read; attention on
@@ -21,6 +22,7 @@ to a temporary file then renamed, so an interrupted run never leaves a half-writ
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import statistics
@@ -37,7 +39,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 26  # bump whenever what is measured changes (v26: a serial kernel's compute roof is its best over thread counts): older profiles are re-measured
+CALIBRATION_VERSION = 27  # bump whenever what is measured changes (v27: serial fixed costs grow with the bytes a layer streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -75,6 +77,19 @@ DECODE_SHAPED_MODEL = ModelSpec(name="calibration (not a Phi-3 shape)", n_layers
 # bytes a layer streams (v15) extrapolated badly from the two models: 56 of 144 beyond 20%.
 DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-3 shape)", n_layers=4, hidden_size=3840, n_heads=24,
                                     n_kv_heads=6, intermediate_size=10240, vocab_size=4096, max_context=4096, head_dim=128)
+# A third, for the serial ops only: the second model with an MLP 2.7x wider (27648), so a layer streams 196 MB
+# of q4_0 weights against the second's 83 and the first's 45 (Phi-3 Mini 64, Small 123, Medium 192), with
+# the second's operands for every op but the MLP's; 3 layers (the first is not timed). A serial op's fixed
+# cost grows with the bytes a layer streams between two of its calls (KernelRoof.overhead_us_per_layer_mb);
+# in the first two models that grew with the hidden size, and the line through them put it in the operands'
+# column: with calibration v26, Phi-3 Small's serial ops came out -10% on average (twelve rounds) and Phi-3
+# Medium's -14% to -30% (two rounds), Mini's +2%. A first try at the first model's hidden size with an MLP
+# of 41472 made the residual add after its down projection (2560 x 41472) cost 3x the one after attention,
+# against 1.2-1.5x in Phi-3 (down projections 2.7-3.5x as wide as tall); this one's is 7.2x. Its GEMVs
+# and attention are not fitted on: those kernels keep the first two models'.
+DECODE_SHAPED_WIDE_MODEL = dataclasses.replace(DECODE_SHAPED_GQA_MODEL, name="calibration, wide MLP (not a Phi-3 shape)", n_layers=3,
+                                               intermediate_size=27648)
+DECODE_SHAPED_WIDE_SESSIONS = (("f16", "q4_0"),)
 DECODE_SHAPED_WEIGHTS = "q4_0"  # its GEMVs' fixed cost and overlap are fitted in this decode too
 DECODE_SHAPED_CONTEXTS = (128, 4000)  # a layer of the first model streams 45 MB of weights and 1.3 or 41 MB of f16 K/V
 DECODE_SHAPED_STEPS = 12  # per session and thread count, each after a streaming pass, as measured decode runs
@@ -433,15 +448,46 @@ def _serial_call_times(serial: list[KernelBench], producer: Producer, threads: i
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
+SEED_TILES = 8  # row tiles of 32 drawn at random per decode-shaped matrix, repeated down it (_repeated_q4_0)
+
+
+def _repeated_q4_0(rows: int, cols: int, seed: int):
+    """A random q4_0 matrix whose first SEED_TILES row tiles repeat down the rest, on huge pages as
+    random_q4_0's: a q4_0 GEMV's time does not depend on the values it multiplies, and drawing the three
+    decode-shaped models' 1.1 GB of random nibbles took ~12 s of the calibration's minute."""
+    from perfsim.kernels.gemv import ROW_TILE, PackedQ4_0, random_q4_0
+    from perfsim.kernels.jit import zeros_huge_pages
+
+    seed_tiles = random_q4_0(min(rows, SEED_TILES * ROW_TILE), cols, seed)
+    n_tiles = -(-rows // ROW_TILE)
+    if n_tiles <= SEED_TILES:
+        return seed_tiles
+    qs = zeros_huge_pages((n_tiles,) + seed_tiles.qs.shape[1:], np.uint8)
+    d = zeros_huge_pages((n_tiles,) + seed_tiles.d.shape[1:], np.uint16)
+    for start in range(0, n_tiles, SEED_TILES):
+        stop = min(start + SEED_TILES, n_tiles)
+        qs[start:stop], d[start:stop] = seed_tiles.qs[: stop - start], seed_tiles.d[: stop - start]
+    if rows % ROW_TILE:  # zero scales make the padding rows zero, as random_q4_0 does
+        d[-1, :, rows % ROW_TILE :] = 0
+    return PackedQ4_0(rows, cols, qs, d)
+
+
 def _decode_shaped_weights(model: ModelSpec, sessions=DECODE_SHAPED_SESSIONS) -> dict:
-    """{embedding format: Weights}: q4_0 layers and head, one weight set per embedding table format (each
-    table 64 random rows repeated: drawing 75M normal floats for an f32 table took 4 s)."""
+    """{embedding format: Weights}: q4_0 layers and head (_repeated_q4_0), one weight set per embedding
+    table format (each table 64 random rows repeated: drawing 75M normal floats for an f32 table took 4 s)."""
     from dataclasses import replace
 
-    from perfsim.engine import Embedding, _random_embedding, random_weights
+    from perfsim.engine import Embedding, Layer, Weights, _random_embedding
     from perfsim.quant import quant_format
 
-    weights = random_weights(model, DECODE_SHAPED_WEIGHTS, seed=7)
+    shapes, ones = model.layer_matrices(), np.ones(model.hidden_size, np.float32)
+
+    def layer(i):
+        m = {name: _repeated_q4_0(rows, cols, seed=7000 + 10 * i + k) for k, (name, (rows, cols)) in enumerate(shapes.items())}
+        return Layer(ones, m["attn_qkv"], m["attn_output"], ones, m["ffn_gate_up"], m["ffn_down"])
+
+    weights = Weights(model, quant_format(DECODE_SHAPED_WEIGHTS), None, tuple(layer(i) for i in range(model.n_layers)), ones,
+                      _repeated_q4_0(model.vocab_size, model.hidden_size, seed=7999), "random (seed 7), row tiles repeated")
 
     def table(fmt):
         rows = _random_embedding(64, model.hidden_size, quant_format(fmt), 7)
@@ -461,6 +507,7 @@ class DecodeShapedPoint:
     cold_call_us: float = 0.0  # median of the cold-call probes run before the steps (0: none)
     model: int = 0  # which decode-shaped model (_decode_shaped_calls' `models` index)
     op: str = ""  # the engine's op name (attn_norm, ffn_norm, ...): a kernel's ops each have their own points
+    layer_weight_bytes: int = 0  # weight bytes a layer of its model streams (Op.layer_weight_bytes)
 
     def roofs_s(self, gflops: float) -> tuple:
         """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes."""
@@ -486,7 +533,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     from perfsim.measure import timed_step
     from perfsim.workload import decode_ops
 
-    samples, costs, kv_bytes, passes, cold_calls = {}, {}, {}, {}, {}
+    samples, costs, kv_bytes, layer_bytes, passes, cold_calls = {}, {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     turns = []  # (steps_per_round, context, session, {(model index, kernel, op name or ""): op sequence indices})
     for model_index, (weights_by_embedding, sessions, steps_per_round) in enumerate(models):
@@ -506,6 +553,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
                         key = (model_index, kernels[name], name)
                         timed.setdefault(key, []).append(i)
                         costs[key, context] = ops[name].cost
+                        layer_bytes[key, context] = ops["attn_norm"].layer_weight_bytes
                 for key in timed:
                     # the norms, RoPE, ... run in every session, whose K/V formats take different bytes
                     kv_bytes.setdefault((key, context), []).append(ops["attn_norm"].layer_kv_bytes)
@@ -526,7 +574,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     for key, context in samples:
         points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
-            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2]))
+            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2], layer_bytes[key, context]))
     return points
 
 
@@ -574,12 +622,18 @@ def _nonnegative_line(rows: list, ys: list) -> tuple:
     return best[0], best[1]
 
 
+# An op's multiple of its kernel's line is at least this: every call costs its dispatch, and a multiple of 0
+# (an op whose calls all came out under their roof) would be refused by the profile's loader.
+MIN_OP_FACTOR = 0.05
+
+
 def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0) -> dict:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
     Serial kernels: the call beyond its roof, fitted as a line in the K/V bytes a layer's attention
-    reads and in the bytes of the call's operands, through the points of both decode-shaped models
-    (each at two contexts; the operands differ between the models);
+    reads, in the bytes of the call's operands and in the weight bytes a layer streams, through the points
+    of the three decode-shaped models (each at two contexts; the operands differ between the first two,
+    the layer's bytes between the second and the third);
     each point's time beyond the roof is first scaled to the calibration's cold-call probe (`cold_call_us`)
     from its own steps' probes, as compare scales the profile to a run's: the models' steps run a few
     seconds apart, and the host's cold-call cost drifts by 2x within minutes (its spread over repeated
@@ -612,10 +666,11 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
         for model, op in sorted({(p.model, p.op) for p in points}):
             own = sorted((i for i, p in enumerate(points) if (p.model, p.op) == (model, op)), key=lambda i: points[i].kv_bytes)
             kept += [i for i in own if call_s[i] <= SERIAL_OUTLIER_RATIO * call_s[own[0]]]
-        overhead_s, (per_kv_byte_s, per_operand_byte_s) = _nonnegative_line(
-            [(points[i].kv_bytes, points[i].cost.bytes) for i in kept], [excess[i] for i in kept])
+        overhead_s, (per_kv_byte_s, per_operand_byte_s, per_layer_byte_s) = _nonnegative_line(
+            [(points[i].kv_bytes, points[i].cost.bytes, points[i].layer_weight_bytes) for i in kept], [excess[i] for i in kept])
         roof = {"gflops": _sig(gflops), "overlap": 0.0, "overhead_us": _sig(max(overhead_s, 0.0) * 1e6),
-                 "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12), "overhead_us_per_operand_mb": _sig(per_operand_byte_s * 1e12)}
+                 "overhead_us_per_kv_mb": _sig(per_kv_byte_s * 1e12), "overhead_us_per_operand_mb": _sig(per_operand_byte_s * 1e12),
+                 "overhead_us_per_layer_mb": _sig(per_layer_byte_s * 1e12)}
         # A kernel run by several ops (the three norms, the two residual adds) costs each of them its own
         # multiple of the line, the op's place in the layer: the norm before attention (after the MLP's
         # down projection and residual add) ran 1.5-1.6x the norm before the MLP, in both decode-shaped
@@ -623,12 +678,13 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
         # norm before the MLP +35% and the one before attention -9% (ten rounds, calibration v22).
         ops = sorted({points[i].op for i in kept})
         if len(ops) > 1:
-            line_s = [max(overhead_s, 0.0) + per_kv_byte_s * p.kv_bytes + per_operand_byte_s * p.cost.bytes for p in points]
+            line_s = [max(overhead_s, 0.0) + per_kv_byte_s * p.kv_bytes + per_operand_byte_s * p.cost.bytes + per_layer_byte_s * p.layer_weight_bytes
+                      for p in points]
             factors = {}
             for op in ops:
                 own = [i for i in kept if points[i].op == op]
                 if sum(line_s[i] for i in own) > 0:
-                    factors[op] = round(float(max(sum(excess[i] for i in own), 0.0) / sum(line_s[i] for i in own)), 4)
+                    factors[op] = round(float(max(sum(excess[i] for i in own) / sum(line_s[i] for i in own), MIN_OP_FACTOR)), 4)
             roof["overhead_factor_by_op"] = factors
         return roof
     # A kernel whose every call in decode is compute-bound by its in-cache roof (grouped-query attention:
@@ -731,6 +787,7 @@ def measure_host(progress=None) -> dict:
     serial = _serial_benches()
     decode_shaped = _decode_shaped_weights(DECODE_SHAPED_MODEL)
     decode_shaped_gqa = _decode_shaped_weights(DECODE_SHAPED_GQA_MODEL, DECODE_SHAPED_GQA_SESSIONS)
+    decode_shaped_wide = _decode_shaped_weights(DECODE_SHAPED_WIDE_MODEL, DECODE_SHAPED_WIDE_SESSIONS)
     total = len(thread_counts) * (2 + len(parallel) + len(serial))
     done = 0
     data = stream_buffer(256 * 2**20)
@@ -745,18 +802,21 @@ def measure_host(progress=None) -> dict:
         done += 1
         # Serial kernels run on the calling thread, but what runs before them in decode (a GEMV on every
         # thread) sets what they find in the caches: they are measured at each thread count too.
-        report(done, total, f"ops in decode of 4-layer models, {threads} threads")
+        report(done, total, f"ops in decode of 3 small models, {threads} threads")
         set_threads(threads)
         probes = []
-        # the q4_0 GEMVs and the serial ops get points from both models
+        # the q4_0 GEMVs get points from the first two models, the serial ops from all three
         decode_calls = _decode_shaped_calls([(decode_shaped, DECODE_SHAPED_SESSIONS, 1),
-                                             (decode_shaped_gqa, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND)], threads, probes)
+                                             (decode_shaped_gqa, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND),
+                                             (decode_shaped_wide, DECODE_SHAPED_WIDE_SESSIONS, 1)], threads, probes)
+        wide_model = 2  # its index above
         cold_call_us[threads] = _sig(statistics.median(probes))
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
             set_threads(threads)
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, decode_calls.get(bench.kernel))
+            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads,
+                                                               [p for p in decode_calls.get(bench.kernel, ()) if p.model != wide_model] or None)
             if bench.kernel == "attention.f16":  # multi-head, fitted at head_dim 128
                 kernel_roofs[bench.kernel][threads]["time_factor_by_head_dim"] = _attention_head_dim_factors(threads)
             done += 1

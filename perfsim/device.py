@@ -60,11 +60,16 @@ class KernelRoof:
     # each page it touches. Phi-3 Small's norms and residual adds (hidden 4096) cost 2-5 us more a call
     # than Mini's (3072), 12 KB more operands; the calibration's two models differ by as much.
     overhead_us_per_operand_mb: float = 0.0
+    # Serial kernels: and with the weight bytes a decoder layer streams between two of its calls (decimal
+    # MB, Op.layer_weight_bytes): what a call finds cold depends on how much went through the caches since
+    # it last ran. Same hidden size and heads, an MLP 8x wider (a layer of 45 -> 254 MB): RoPE, the norms,
+    # kv_append and the residual add after attention cost 1.17-1.41x a call (one thread).
+    overhead_us_per_layer_mb: float = 0.0
     # Multi-head attention: {head_dim: time beyond the fixed cost per K/V byte, over the same at the head_dim
     # the roof was fitted at (128)}, measured by microbenchmark. Rows of 96 f16 values streamed at 0.68 of
     # the read on one thread, against 0.75 for rows of 128; the per-byte roofline has no term for that.
     time_factor_by_head_dim: dict = field(default_factory=dict)
-    # Serial kernels several ops run: {op name: multiple of the fixed cost above (all three terms) that op
+    # Serial kernels several ops run: {op name: multiple of the fixed cost above (all four terms) that op
     # pays}, measured in the calibration's decode. Its place in the layer sets it: Phi-3 Mini's norm before
     # attention (after the MLP) costs 1.5x its norm before the MLP, the same kernel on the same operands.
     overhead_factor_by_op: dict = field(default_factory=dict)
@@ -180,6 +185,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                                         overhead_us_per_kv_mb=roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0),
                                         overhead_us_per_operand_mb=roof.number("overhead_us_per_operand_mb", minimum=0, required=False,
                                                                                default=0.0),
+                                        overhead_us_per_layer_mb=roof.number("overhead_us_per_layer_mb", minimum=0, required=False, default=0.0),
                                         time_factor_by_head_dim=_factors_by_head_dim(roof, "time_factor_by_head_dim"),
                                         overhead_factor_by_op=_factors_by_op(roof, "overhead_factor_by_op"))
                 roof.done()

@@ -38,6 +38,9 @@ class Op:
     # Serial ops: the K/V bytes one layer's attention reads at this context; a calibrated host's fixed cost
     # per call grows with it (perfsim.calibrate). 0 otherwise.
     layer_kv_bytes: int = 0
+    # Serial ops: the weight bytes one decoder layer's GEMVs stream, from one call of the op to its next (the
+    # once-a-step ops get the same); a calibrated host's fixed cost per call grows with it too. 0 otherwise.
+    layer_weight_bytes: int = 0
     head_dim: int = 0  # attention ops: the model's; a calibrated host's attention roofs may depend on it
     # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
     flops: float = field(init=False)
@@ -94,9 +97,10 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
     attention_op = Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache),
                       "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads), head_dim=model.head_dim)
     layer_kv_bytes = attention_op.cost.kv_bytes
+    layer_weight_bytes = sum(op.cost.weight_bytes for op in gemvs.values())
 
     def serial(name, kind, cost, count, kernel):
-        return Op(name, kind, cost, "f32", count, kernel, layer_kv_bytes)
+        return Op(name, kind, cost, "f32", count, kernel, layer_kv_bytes, layer_weight_bytes=layer_weight_bytes)
 
     return (
         serial("token_embd", EMBEDDING, embedding_cost(d, w), 1, f"embedding.{w.name}"),

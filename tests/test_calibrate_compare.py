@@ -332,14 +332,14 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
 
 def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     """with_same_run_host: a run whose cold-call probe took 1.5x the calibration's gets every fixed cost at
-    its thread count 1.5x (kernel overheads, their per-K/V-MB term, the default per op), nothing else."""
+    its thread count 1.5x (kernel overheads, their per-MB terms, the default per op), nothing else."""
     from perfsim.compare import with_same_run_host
     from perfsim.device import device_from_data
 
     data = fake_profile()
     unit = data["units"]["cpu"]
     unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_kv_mb": 0.04,
-                                         "overhead_us_per_operand_mb": 100.0}
+                                         "overhead_us_per_operand_mb": 100.0, "overhead_us_per_layer_mb": 0.02}
                                      for t in unit["kernel_roofs"]["gemv.q4_0"]}
     unit["cold_call_us_by_threads"] = {1: 20.0}
     device = device_from_data(data, "fake.yaml")
@@ -348,6 +348,7 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     assert run.kernel_roofs["rmsnorm"][1].overhead_us == pytest.approx(9.0)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_kv_mb == pytest.approx(0.06)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_operand_mb == pytest.approx(150.0)
+    assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_layer_mb == pytest.approx(0.03)
     assert run.kernel_roofs["gemv.q4_0"][1].overhead_us == pytest.approx(6.0)
     assert run.kernel_roofs["gemv.q4_0"][1].gflops == 50.0 and run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5
     for t in set(run.kernel_roofs["gemv.q4_0"]) - {1}:  # other thread counts are not this run's
@@ -490,6 +491,54 @@ def test_a_serial_kernels_cost_beyond_its_roof_grows_with_its_operands_from_one_
     same_size = [point(16_000, 1_000_000, 0), point(16_000, 41_000_000, 0), point(16_000, 400_000, 1), point(16_000, 12_000_000, 1)]
     roof = _serial_roof(bench, times, same_size, cold_call_us=20.0)
     assert roof["overhead_us_per_operand_mb"] == 0 and roof["overhead_us"] == pytest.approx(3.0 + 0.8, rel=1e-3)
+
+
+def test_a_decode_shaped_matrix_repeats_its_random_row_tiles_and_multiplies_as_its_reference():
+    """300 rows: the 8 random row tiles (256 rows) repeat from row 256 on, the tiles differ from one another,
+    the padding rows of the last tile are zero, and the GEMV agrees with the float64 reference."""
+    from perfsim.kernels.gemv import gemv, gemv_reference, gemv_tolerance, unpack_to_f32
+
+    weights = calibrate._repeated_q4_0(300, 64, seed=3)
+    dense = unpack_to_f32(weights)
+    assert dense.shape == (300, 64) and weights.d.shape[0] == 10
+    np.testing.assert_array_equal(dense[256:], dense[:44])
+    assert not np.array_equal(dense[:32], dense[32:64])
+    assert not weights.d[-1, :, 300 % 32 :].any()
+    x = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    out = gemv(weights, x, np.zeros(300, np.float32))
+    assert (np.abs(out - gemv_reference(weights, x)) <= gemv_tolerance(weights, x)).all()
+
+
+def test_a_serial_kernels_cost_beyond_its_roof_grows_with_the_bytes_a_layer_streams_apart_from_its_operands():
+    """Hand arithmetic: beyond its roof a call costs 3 us + 0.04 us per MB of K/V + 50 us per MB of its own
+    operands + 0.03 us per MB a layer streams. The first two models' layers stream 45 and 83 MB and their
+    operands are 36 and 54 KB; the third has the second's operands and a 196 MB layer, so the fit tells the
+    two columns apart and gives the four terms back. Without the third model the layer's column goes into
+    the others (both grow from the first model to the second) and the bytes a 196 MB layer adds are lost."""
+    from perfsim.cost import Cost
+
+    flops_per_s = 0.75 * 3e5 / 3e-6
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("rope", False, None, in_cache, 3e5, quarter)
+    times = {id(in_cache): 7e-6, id(quarter): 4e-6}
+
+    def point(op_bytes, kv_bytes, layer_bytes, model):
+        cost = Cost(flops=op_bytes / 3, act_bytes=op_bytes)
+        roof_s = max(cost.flops / flops_per_s, op_bytes / 18e9)
+        beyond_s = 3e-6 + 0.04e-6 * kv_bytes / 1e6 + 50e-6 * op_bytes / 1e6 + 0.03e-6 * layer_bytes / 1e6
+        return calibrate.DecodeShapedPoint(roof_s + beyond_s, cost, kv_bytes, 18.0, 20.0, model, "rope", layer_bytes)
+
+    two = [point(36_000, 1_000_000, 45e6, 0), point(36_000, 41_000_000, 45e6, 0), point(54_000, 400_000, 83e6, 1),
+           point(54_000, 12_000_000, 83e6, 1)]
+    roof = _serial_roof(bench, times, two + [point(54_000, 400_000, 196e6, 2), point(54_000, 12_000_000, 196e6, 2)], cold_call_us=20.0)
+    assert roof["overhead_us"] == pytest.approx(3.0, rel=1e-3)
+    assert roof["overhead_us_per_kv_mb"] == pytest.approx(0.04, rel=1e-3)
+    assert roof["overhead_us_per_operand_mb"] == pytest.approx(50.0, rel=1e-3)
+    assert roof["overhead_us_per_layer_mb"] == pytest.approx(0.03, rel=1e-3)
+    line_us = lambda r, op_bytes, layer_bytes: r["overhead_us"] + r["overhead_us_per_operand_mb"] * op_bytes / 1e6 + r["overhead_us_per_layer_mb"] * layer_bytes / 1e6  # noqa: E731
+    assert line_us(roof, 54_000, 196e6) == pytest.approx(3.0 + 2.7 + 5.88, rel=1e-3)
+    without = _serial_roof(bench, times, two, cold_call_us=20.0)
+    assert line_us(without, 54_000, 196e6) < 3.0 + 2.7 + 5.88 - 2.0  # a 196 MB layer's 5.88 us, under 4 us of it seen
 
 
 def test_a_serial_kernel_run_by_several_ops_gets_each_ops_multiple_of_the_shared_line():

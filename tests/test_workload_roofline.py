@@ -147,6 +147,22 @@ def test_a_calibrated_serial_kernel_costs_more_per_call_the_larger_its_operands(
     assert norm.time_s == pytest.approx(roof_s + 32 * (5e-6 + 7.3728e-6))
 
 
+def test_a_calibrated_serial_kernel_costs_more_per_call_the_more_bytes_a_layer_streams():
+    """Paper arithmetic: rope's fixed cost 5 us + 0.03 us per MB a decoder layer's GEMVs stream. Phi-3 Mini's
+    layer holds 9216x3072 + 3072x3072 + 16384x3072 + 3072x8192 = 113,246,208 q4_0 weights (18 bytes per 32):
+    63,700,992 bytes, 6.911 us a call; Medium's 7680x5120 + 5120x5120 + 35840x5120 + 5120x17920 =
+    340,787,200 weights, 191,692,800 bytes, 10.751 us. The GEMVs and attention carry no layer bytes."""
+    data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"rope": {
+        1: {"gflops": 1000.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_layer_mb": 0.03}}})})
+    device = device_from_data(data, "paper.yaml")
+    for model, layer_bytes, per_call_us in ((MINI, 63_700_992, 5 + 0.03 * 63.700992), (get_model("phi-3-medium"), 191_692_800, 5 + 0.03 * 191.6928)):
+        p = predict(model, Formats(weights=Q4_0), device, context=1000, threads=1)
+        (rope,) = [t for t in p.ops if t.op.name == "rope"]
+        assert rope.op.layer_weight_bytes == layer_bytes
+        assert rope.overhead_s == pytest.approx(model.n_layers * per_call_us * 1e-6)
+        assert all(t.op.layer_weight_bytes == 0 for t in p.ops if t.op.kind in ("gemv", "attention"))
+
+
 def test_a_calibrated_serial_kernels_fixed_cost_is_scaled_by_its_ops_own_factor():
     """Paper arithmetic: rmsnorm's fixed cost 5 us + 200 us per MB of operands (7.3728 us for Mini's
     36,864 bytes) a call; the norm before attention pays 1.5x that, the one before the MLP 0.5x, and the
@@ -199,6 +215,12 @@ def test_a_fixed_cost_per_operand_mb_must_be_a_number_at_least_zero():
     for value, expected in ((-1.0, ">= 0"), ("slow", "number")):
         roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_operand_mb": value}
         assert "overhead_us_per_operand_mb" in _kernel_roof_error("rmsnorm", roof, expected)
+
+
+def test_a_fixed_cost_per_layer_mb_must_be_a_number_at_least_zero():
+    for value, expected in ((-0.5, ">= 0"), ("slow", "number")):
+        roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_layer_mb": value}
+        assert "overhead_us_per_layer_mb" in _kernel_roof_error("rope", roof, expected)
 
 
 def test_an_overhead_factor_by_op_must_be_a_positive_number_by_decode_op_name():
