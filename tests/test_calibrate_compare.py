@@ -571,6 +571,32 @@ def test_a_serial_kernel_run_by_several_ops_gets_each_ops_multiple_of_the_shared
     assert "overhead_factor_by_op" not in one_op and one_op["overhead_us"] == pytest.approx(3.0, rel=1e-3)
 
 
+def test_an_op_whose_calls_all_came_out_under_the_line_keeps_a_small_factor_and_the_profile_loads():
+    """Hand arithmetic: the norm before attention costs 3 us beyond its roof at every point, the one before
+    the MLP 1 us less than its roof (a fit can see that in noise). Its factor is the floor, 0.05 (a factor
+    of 0 is refused by the loader: every call pays its dispatch), and the roof loads as a profile's."""
+    from perfsim.cost import Cost
+    from perfsim.device import device_from_data
+
+    flops_per_s = 0.75 * 3e5 / 3e-6
+    in_cache, quarter = calibrate.Call(lambda: None), calibrate.Call(lambda: None)
+    bench = calibrate.KernelBench("rmsnorm", False, None, in_cache, 3e5, quarter)
+    times = {id(in_cache): 7e-6, id(quarter): 4e-6}
+
+    def point(op, beyond_s, kv_bytes, model):
+        cost = Cost(flops=12_000, act_bytes=36_000)
+        return calibrate.DecodeShapedPoint(max(cost.flops / flops_per_s, 36_000 / 18e9) + beyond_s, cost, kv_bytes, 18.0, 20.0, model, op)
+
+    shapes = ((1_000_000, 0), (41_000_000, 0), (400_000, 1), (12_000_000, 1))
+    points = [point(op, beyond_s, *shape) for op, beyond_s in (("attn_norm", 3e-6), ("ffn_norm", -1e-6)) for shape in shapes]
+    roof = _serial_roof(bench, times, points, cold_call_us=20.0)
+    assert roof["overhead_factor_by_op"]["ffn_norm"] == calibrate.MIN_OP_FACTOR
+    assert roof["overhead_factor_by_op"]["attn_norm"] > 1.0
+    data = fake_profile()
+    data["units"]["cpu"]["kernel_roofs"]["rmsnorm"] = {1: roof}
+    assert device_from_data(data, "fake.yaml").unit().kernel_roofs["rmsnorm"][1].overhead_factor_by_op["ffn_norm"] == 0.05
+
+
 def test_a_serial_kernels_compute_roof_is_no_slower_than_its_calls_in_decode():
     """Hand arithmetic: in-cache calls of 70 us and 4 us (a disturbed measurement) make a compute roof of
     0.75 x 3e5 FLOPs / 66 us = 3.4 GFLOP/s, under which a decode call of 6e4 FLOPs would take 17.6 us; it
