@@ -83,8 +83,8 @@ DECODE_SHAPED_GQA_MODEL = ModelSpec(name="calibration, grouped-query (not a Phi-
 # cost grows with the bytes a layer streams between two of its calls (KernelRoof.overhead_us_per_layer_mb);
 # in the first two models that grew with the hidden size, and the line through them put it in the operands'
 # column: with calibration v26, Phi-3 Small's serial ops came out -10% on average (twelve rounds) and Phi-3
-# Medium's -14% to -30% at 11 of 14 points (two rounds), Mini's +2%; with this model (v27, five rounds) Mini's
-# +0.9%, Small's +4.1%, Medium's +2.6%. A first try at the first model's hidden size with an MLP of 41472
+# Medium's -14% to -30% at 11 of 14 points (two rounds), Mini's +2%; with this model (v27, seven rounds) Mini's
+# -3.0% (kv_append's slow sessions in), Small's +5.2%, Medium's +4.0%. A first try at the first model's hidden size with an MLP of 41472
 # made the residual add after its down projection (2560 x 41472) cost 1.8-3.7x the one after attention,
 # against 1.1-1.5x in Phi-3 (down projections 2.7-3.5x as wide as tall); this one's is 7.2x. Its GEMVs
 # and attention are not fitted on: those kernels keep the first two models'.
