@@ -80,8 +80,11 @@ K_SPREAD = 5.0
 # a run on the final tree saw attention at 2 threads 15.6% under its baseline (a false alarm blocks every
 # change from landing; -33% less this box's worst 8% noise still clears a 25% cap).
 RELATIVE_FLOOR, RELATIVE_CAP = 0.15, 0.25  # fractions of the baseline value (ratios)
-# The host error of a 15-round median moved by up to 0.09 between gate runs on the final tree: floor 0.10.
-ABSOLUTE_FLOOR, ABSOLUTE_CAP = 0.10, 0.20  # in the metric's units (signed prediction errors)
+# The host error of a 15-round median moves with each gate run's own calibration, which the baseline's runs
+# (one calibration) do not see: over six fresh-clone CI runs, three of calibration v26 and three of v27, it came
+# out -0.123 (a first try; -0.064 on the second) to +0.112, against baselines of +0.10 and +0.01. Floor 0.15
+# (0.10 before v27, whose baseline of +0.099 hid that spread).
+ABSOLUTE_FLOOR, ABSOLUTE_CAP = 0.15, 0.20  # in the metric's units (signed prediction errors)
 DETERMINISTIC_RTOL = 1e-9
 
 DIRECTIONS = ("higher", "lower", "abs_lower", "equal")
