@@ -478,17 +478,10 @@ def _decode_shaped_weights(model: ModelSpec, sessions=DECODE_SHAPED_SESSIONS) ->
     table format (each table 64 random rows repeated: drawing 75M normal floats for an f32 table took 4 s)."""
     from dataclasses import replace
 
-    from perfsim.engine import Embedding, Layer, Weights, _random_embedding
+    from perfsim.engine import Embedding, _random_embedding, random_weights
     from perfsim.quant import quant_format
 
-    shapes, ones = model.layer_matrices(), np.ones(model.hidden_size, np.float32)
-
-    def layer(i):
-        m = {name: _repeated_q4_0(rows, cols, seed=7000 + 10 * i + k) for k, (name, (rows, cols)) in enumerate(shapes.items())}
-        return Layer(ones, m["attn_qkv"], m["attn_output"], ones, m["ffn_gate_up"], m["ffn_down"])
-
-    weights = Weights(model, quant_format(DECODE_SHAPED_WEIGHTS), None, tuple(layer(i) for i in range(model.n_layers)), ones,
-                      _repeated_q4_0(model.vocab_size, model.hidden_size, seed=7999), "random (seed 7), row tiles repeated")
+    weights = random_weights(model, DECODE_SHAPED_WEIGHTS, seed=7, make_matrix=_repeated_q4_0)
 
     def table(fmt):
         rows = _random_embedding(64, model.hidden_size, quant_format(fmt), 7)

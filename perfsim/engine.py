@@ -130,12 +130,13 @@ def _random_embedding(vocab: int, hidden: int, fmt: QuantFormat, seed: int) -> E
     return Embedding(fmt, table)
 
 
-def random_weights(model: ModelSpec, weight_format: str | QuantFormat = "q4_0", seed: int = 0) -> Weights:
-    """Phi-3-shaped weights from a seeded generator, each matrix made directly in the GEMV's format."""
+def random_weights(model: ModelSpec, weight_format: str | QuantFormat = "q4_0", seed: int = 0, make_matrix=None) -> Weights:
+    """Phi-3-shaped weights from a seeded generator, each matrix made directly in the GEMV's format
+    (by `make_matrix(rows, cols, seed=...)` when given: calibration's repeated row tiles)."""
     fmt = quant_format(weight_format) if isinstance(weight_format, str) else weight_format
     if fmt.name not in _RANDOM_MATRIX:
         raise UserError(f"the engine runs {', '.join(WEIGHT_FORMATS)} weights, not {fmt.name}")
-    make = _RANDOM_MATRIX[fmt.name]
+    make = make_matrix or _RANDOM_MATRIX[fmt.name]
     shapes = model.layer_matrices()
     ones = np.ones(model.hidden_size, np.float32)
 
