@@ -42,10 +42,13 @@ def sum_int64(data):
     partial = np.zeros(n_chunks, dtype=np.int64)
     for chunk in prange(n_chunks):
         start = chunk * _CHUNK_ELEMENTS
-        stop = min(start + _CHUNK_ELEMENTS, data.size)
+        # A view, and an index from 0: with range(start, stop) Numba wraps negative indices in the loop,
+        # which LLVM for Skylake-SP (AVX-512) vectorized into gathers: 3.3 GB/s on one thread, against
+        # 11.5 GB/s for this loop (and for NumPy's sum) on the same host.
+        part = data[start : min(start + _CHUNK_ELEMENTS, data.size)]
         total = np.int64(0)
-        for i in range(start, stop):
-            total += data[i]
+        for i in range(part.size):
+            total += part[i]
         partial[chunk] = total
     return partial.sum()
 
@@ -60,10 +63,12 @@ def stream_then_write(data, start, stop, n_chunks, source, operand):
     n, m = stop - start, operand.size
     for chunk in prange(n_chunks):
         total = np.int64(0)
-        for i in range(start + chunk * n // n_chunks, start + (chunk + 1) * n // n_chunks):
-            total += data[i]
-        for i in range(chunk * m // n_chunks, (chunk + 1) * m // n_chunks):
-            operand[i] = source[i]
+        part = data[start + chunk * n // n_chunks : start + (chunk + 1) * n // n_chunks]  # views: see sum_int64
+        for i in range(part.size):
+            total += part[i]
+        out, src = operand[chunk * m // n_chunks : (chunk + 1) * m // n_chunks], source[chunk * m // n_chunks : (chunk + 1) * m // n_chunks]
+        for i in range(out.size):
+            out[i] = src[i]
         partial[chunk] = total
     return partial.sum()
 
