@@ -211,6 +211,23 @@ def test_other_machine_is_refused_then_compared_with_the_flag(baselined, capsys,
     assert rows["fake.only_there"]["verdict"] == "not measured" and rows["fake.speed"]["verdict"] == "pass"
 
 
+def test_default_baseline_is_this_machines_and_a_missing_one_names_the_others(fake, tmp_path, monkeypatch):
+    assert gate.machine_slug({"cpu_model": "Intel(R) Xeon(R) Processor @ 2.50GHz", "cores": 2}) == "intel-r-xeon-r-processor-2-50ghz-2-cores"
+    assert gate.machine_slug({"cpu_model": "AMD EPYC", "cores": 2}) == "amd-epyc-2-cores"
+    monkeypatch.setattr(gate, "machine_fingerprint", lambda: {"cpu_model": "Imaginary CPU 9000", "cores": 128})
+    assert gate.default_baseline_path().name == "baseline-imaginary-cpu-9000-128-cores.json"
+    monkeypatch.chdir(tmp_path)  # an installed perfsim (no checkout) looks in ./gates
+    monkeypatch.setattr(gate, "__file__", str(tmp_path / "site-packages" / "perfsim" / "gate.py"))
+    (tmp_path / "gates").mkdir()
+    (tmp_path / "gates" / "baseline-amd-epyc-2-cores.json").write_text("{}")
+    with pytest.raises(UserError, match="no gate baseline for this machine \\(Imaginary CPU 9000, 128 cores\\).*"
+                                        "baseline-amd-epyc-2-cores.json.*--update-baseline.*--allow-other-machine"):
+        gate_run(None)
+    assert fake.calls == {}
+    assert gate_run(None, update=True, runs=1) == 0  # written under this machine's name, then used
+    assert (tmp_path / "gates" / "baseline-imaginary-cpu-9000-128-cores.json").exists() and gate_run(None) == 0
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ("[]", "not a perfsim gate baseline"),
