@@ -156,6 +156,7 @@ def test_a_calibration_on_a_busy_host_says_so(cache, monkeypatch, capsys):
     quiet, busy = device_from_data(profile(0.05), "q.yaml"), device_from_data(profile(0.45), "b.yaml")
     assert quiet.calibration["other_load_fraction"] == 0.05 and calibrate.busy_host_warning(quiet) is None
     assert calibrate.busy_host_warning(device_from_data(fake_profile(), "old.yaml")) is None  # profiles from before: no record
+    assert calibrate.busy_host_warning(device_from_data(profile(0.19), "b19.yaml"))  # measured to spoil a calibration's 2-thread roofs
     warning = calibrate.busy_host_warning(busy)
     assert "45%" in warning and f"{busy.calibration['cores']} cores" in warning and "perfsim calibrate" in warning
 
