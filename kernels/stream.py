@@ -132,7 +132,7 @@ if __name__ == "__main__":
     validate()
     buffer = stream_buffer()
     # NumPy's own sum of the same array (one thread, an independent implementation): the kernel on one
-    # thread should read about as fast; 0.28x was the gathers sum_int64 once compiled to on AVX-512.
+    # thread should read about as fast; 0.29x was the gathers sum_int64 once compiled to on AVX-512 (3.3 GB/s against 11.5).
     numpy_s = []
     for _ in range(7):
         start = time.perf_counter()

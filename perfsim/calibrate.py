@@ -770,9 +770,9 @@ def measure_host(progress=None) -> dict:
     """All the microbenchmarks; returns the host profile as YAML-ready data."""
     from perfsim.kernels.jit import set_threads
     from perfsim.kernels.stream import best_read_gb_s, stream_buffer, sum_int64
-    from perfsim.measure import available_threads, busy_cpu_s
+    from perfsim.measure import available_threads, busy_cpu_s, stolen_cpu_s
 
-    started, busy_s, own_cpu_s = time.perf_counter(), busy_cpu_s(), time.process_time()
+    started, busy_s, own_cpu_s, stolen_s = time.perf_counter(), busy_cpu_s(), time.process_time(), stolen_cpu_s()
     report = progress or (lambda done, total, what: None)
     cores = available_threads()
     thread_counts = list(range(1, cores + 1))
@@ -828,6 +828,8 @@ def measure_host(progress=None) -> dict:
     # CPU time other processes took while this ran, over the cores' wall time (busy_cpu_s counts ours too)
     seconds = time.perf_counter() - started
     other_load_fraction = max(busy_cpu_s() - busy_s - (time.process_time() - own_cpu_s), 0.0) / (seconds * cores) if busy_s else 0.0
+    # and what the hypervisor gave other guests of this VM's vCPUs (/proc/stat's steal)
+    stolen_fraction = max(stolen_cpu_s() - stolen_s, 0.0) / (seconds * cores)
 
     fingerprint = host_fingerprint()
     measured_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -870,7 +872,7 @@ def measure_host(progress=None) -> dict:
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },
         "calibration": dict(fingerprint, measured_at=measured_at, perfsim_version=__version__, seconds=round(seconds, 1),
-                            other_load_fraction=round(other_load_fraction, 3)),
+                            other_load_fraction=round(other_load_fraction, 3), stolen_fraction=round(stolen_fraction, 3)),
     }
 
 
@@ -899,12 +901,13 @@ BUSY_HOST_FRACTION = 0.1
 
 
 def busy_host_warning(device: Device) -> str | None:
-    """A warning when other processes took more than BUSY_HOST_FRACTION of the cores while `device`
-    was calibrated (its roofs are then those of a share of the host), else None."""
-    fraction = device.calibration.get("other_load_fraction", 0.0)
-    if fraction <= BUSY_HOST_FRACTION:
+    """A warning when other processes, or the hypervisor for other guests, took more than BUSY_HOST_FRACTION
+    of the cores while `device` was calibrated (its roofs are then those of a share of the host), else None."""
+    others, stolen = device.calibration.get("other_load_fraction", 0.0), device.calibration.get("stolen_fraction", 0.0)
+    if others + stolen <= BUSY_HOST_FRACTION:
         return None
-    return (f"warning: other processes used {100 * fraction:.0f}% of the {device.calibration['cores']} cores while this host was calibrated; "
+    who = " and ".join(part for part, fraction in (("other processes", others), ("the hypervisor (steal)", stolen)) if fraction > 0)
+    return (f"warning: {who} took {100 * (others + stolen):.0f}% of the {device.calibration['cores']} cores while this host was calibrated; "
             f"its roofs may be too low: run 'perfsim calibrate' again on a quiet host")
 
 

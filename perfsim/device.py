@@ -277,6 +277,8 @@ def device_from_data(data, where: str) -> Device:
         }
         if c.data.get("other_load_fraction") is not None:  # CPU time other processes took meanwhile, over the cores' time
             calibration["other_load_fraction"] = c.number("other_load_fraction", minimum=0)
+        if c.data.get("stolen_fraction") is not None:  # vCPU time the hypervisor gave other guests meanwhile (/proc/stat steal)
+            calibration["stolen_fraction"] = c.number("stolen_fraction", minimum=0)
         c.done()
     device = Device(
         name=name,

@@ -112,7 +112,7 @@ def _all_cpus_ticks(path: str) -> list[int]:
         return []
 
 
-def _steal_s(path: str = "/proc/stat") -> float:
+def stolen_cpu_s(path: str = "/proc/stat") -> float:
     """Seconds stolen from all of this VM's vCPUs since boot (0.0 where /proc/stat has no steal column)."""
     ticks = _all_cpus_ticks(path)
     return ticks[7] / _TICKS_PER_S[0] if len(ticks) > 7 else 0.0
@@ -182,11 +182,11 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
         session.position = position
         stream_gb_s = read_pass_gb_s(threads)
         cold_call_us = cold_call_probe_us()
-        faults_before, steal_before = _page_faults(), _steal_s()
+        faults_before, steal_before = _page_faults(), stolen_cpu_s()
         start = time.perf_counter()
         session.step(token)
         seconds = time.perf_counter() - start
-        page_faults, steal_s = _page_faults() - faults_before, _steal_s() - steal_before
+        page_faults, steal_s = _page_faults() - faults_before, stolen_cpu_s() - steal_before
         if steal_s <= 0 or attempt == STEAL_RETRIES:
             return TimedStep(seconds, stream_gb_s, cold_call_us, page_faults, steal_s, tuple(set_aside))
         set_aside.append(seconds)

@@ -111,7 +111,7 @@ def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypat
 
     monkeypatch.setattr(engine_module.Session, "step", step)
     # no step is re-run for stolen time (which would shift the calls): this shared host steals now and then
-    monkeypatch.setattr("perfsim.measure._steal_s", lambda path="/proc/stat": 0.0)
+    monkeypatch.setattr("perfsim.measure.stolen_cpu_s", lambda path="/proc/stat": 0.0)
     measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
     faults = measurement.step_page_faults
     assert len(faults) == 4 and all(f >= 0 for f in faults)
@@ -119,16 +119,16 @@ def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypat
 
 
 def test_steal_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
-    from perfsim.measure import _steal_s
+    from perfsim.measure import stolen_cpu_s
 
     ticks = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
     stat.write_text(f"cpu  4406418 96437 1036831 5828686 16999 0 6449 {3 * ticks} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
-    assert _steal_s(str(stat)) == pytest.approx(3.0)
+    assert stolen_cpu_s(str(stat)) == pytest.approx(3.0)
     stat.write_text("cpu  4406418 96437 1036831 5828686\n")  # a kernel without the column
-    assert _steal_s(str(stat)) == 0.0
-    assert _steal_s(str(tmp_path / "missing")) == 0.0
+    assert stolen_cpu_s(str(stat)) == 0.0
+    assert stolen_cpu_s(str(tmp_path / "missing")) == 0.0
 
 
 def test_busy_cpu_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
@@ -157,6 +157,9 @@ def test_a_calibration_on_a_busy_host_says_so(cache, monkeypatch, capsys):
     assert quiet.calibration["other_load_fraction"] == 0.05 and calibrate.busy_host_warning(quiet) is None
     assert calibrate.busy_host_warning(device_from_data(fake_profile(), "old.yaml")) is None  # profiles from before: no record
     assert calibrate.busy_host_warning(device_from_data(profile(0.19), "b19.yaml"))  # measured to spoil a calibration's 2-thread roofs
+    stolen = fake_profile()
+    stolen["calibration"].update(other_load_fraction=0.04, stolen_fraction=0.08)  # other guests count as others
+    assert "hypervisor (steal) took 12%" in calibrate.busy_host_warning(device_from_data(stolen, "s.yaml"))
     warning = calibrate.busy_host_warning(busy)
     assert "45%" in warning and f"{busy.calibration['cores']} cores" in warning and "perfsim calibrate" in warning
 
@@ -196,7 +199,7 @@ def _decode_with_steal(monkeypatch, stolen_during_call):
         return out
 
     monkeypatch.setattr(engine_module.Session, "step", step)
-    monkeypatch.setattr(measure, "_steal_s", lambda: stolen[0])
+    monkeypatch.setattr(measure, "stolen_cpu_s", lambda: stolen[0])
     return measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1), calls
 
 
