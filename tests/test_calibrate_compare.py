@@ -661,6 +661,15 @@ def test_a_serial_kernels_compute_roof_is_its_best_in_cache_roof_over_the_thread
     assert alone["overhead_us"] < 1.0  # what the disturbed roof alone gave
 
 
+def test_a_gemv_roof_out_of_line_with_its_other_thread_count_is_picked_for_measuring_again():
+    # q4_0's in-cache roofs (GFLOP/s at 1 and 2 threads) in four Skylake-SP calibrations of the twelfth session
+    assert calibrate._disagreeing_thread_count({1: 55.82, 2: 113.3}) is None  # quiet
+    assert calibrate._disagreeing_thread_count({1: 55.13, 2: 107.8}) is None  # quiet
+    assert calibrate._disagreeing_thread_count({1: 32.07, 2: 103.7}) == 1  # disturbed on one thread
+    assert calibrate._disagreeing_thread_count({1: 54.51, 2: 61.71}) == 2  # disturbed on two
+    assert calibrate._disagreeing_thread_count({1: 20.0}) is None  # a one-core host has nothing to compare
+
+
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
     x0 = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     x1 = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
