@@ -24,9 +24,9 @@ per gate run at most).
 Tolerances (made by --update-baseline, which runs the suites UPDATE_RUNS times, each with freshly
 allocated operands): value = median of the runs; spread = a robust sigma of the metric (the larger of
 1.4826 x MAD over runs and the standard error of one run's median); tolerance = K_SPREAD x spread,
-clamped to [floor, cap]. The floor (12% for ratios, 5 points for a prediction error) covers what this
+clamped to [floor, cap]. The floor (20% for ratios, 0.15 for a prediction error) covers what this
 class of shared 2-core VM moves between processes even when quiet (the neighbours' memory traffic,
-page placement); the cap (20% / 20 points) keeps a 1.5x slower kernel (-33%) always detectable even
+page placement); the cap (25% / 0.20) keeps a 1.5x slower kernel (-33%) always detectable even
 from a noisy baseline. Deterministic predictions get a 1e-9 relative tolerance.
 
 The baseline (JSON, committed) records the machine it came from (perfsim.calibrate.host_fingerprint),
@@ -81,7 +81,11 @@ K_SPREAD = 5.0
 # Caps: a 1.5x slower kernel (-33%) always fails, however noisy the baseline was. Widened from 12/20% after
 # a run on the final tree saw attention at 2 threads 15.6% under its baseline (a false alarm blocks every
 # change from landing; -33% less this box's worst 8% noise still clears a 25% cap).
-RELATIVE_FLOOR, RELATIVE_CAP = 0.15, 0.25  # fractions of the baseline value (ratios)
+# The relative floor went from 15% to 20% on the Skylake-SP host (twelfth session): the two-thread q4_0 GEMV
+# at 16384x3072 read 0.773 and 0.774 of the stream in two fresh-clone CI runs (the gate after the test suite),
+# 0.824 in a quiet gate run alone, against 0.82-0.91 in the five runs of --update-baseline (value 0.898):
+# -13.8% from a baseline whose runs spread 2%, 1.2 points inside a 15% floor.
+RELATIVE_FLOOR, RELATIVE_CAP = 0.20, 0.25  # fractions of the baseline value (ratios)
 # The host error of a 15-round median moves with each gate run's own calibration, which the baseline's runs
 # (one calibration) do not see: over six fresh-clone CI runs, three of calibration v26 and three of v27, it came
 # out -0.123 (a first try; -0.064 on the second) to +0.112, against baselines of +0.10 and +0.01. Floor 0.15
