@@ -67,7 +67,8 @@ def stream_then_write(data, start, stop, n_chunks, source, operand):
         part = data[start + chunk * n // n_chunks : start + (chunk + 1) * n // n_chunks]  # views: see sum_int64
         for i in range(part.size):
             total += part[i]
-        out, src = operand[chunk * m // n_chunks : (chunk + 1) * m // n_chunks], source[chunk * m // n_chunks : (chunk + 1) * m // n_chunks]
+        lo, hi = chunk * m // n_chunks, (chunk + 1) * m // n_chunks
+        out, src = operand[lo:hi], source[lo:hi]
         for i in range(out.size):
             out[i] = src[i]
         partial[chunk] = total

@@ -127,10 +127,7 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
     if cold_call_us > 0 and calibrated_probe_us > 0:
         factor = cold_call_us / calibrated_probe_us
         changes["kernel_roofs"] = {
-            kernel: {t: dataclasses.replace(r, overhead_us=r.overhead_us * factor, overhead_us_per_kv_mb=r.overhead_us_per_kv_mb * factor,
-                                            overhead_us_per_operand_mb=r.overhead_us_per_operand_mb * factor,
-                                            overhead_us_per_layer_mb=r.overhead_us_per_layer_mb * factor)
-                        if t == threads else r for t, r in roofs.items()}
+            kernel: {t: r.with_fixed_costs_scaled(factor) if t == threads else r for t, r in roofs.items()}
             for kernel, roofs in unit.kernel_roofs.items()
         }
         changes["overhead_us_per_op"] = unit.overhead_us_per_op * factor

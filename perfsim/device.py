@@ -7,6 +7,7 @@ an uncited number), and may list published measurements (`references:`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -73,6 +74,13 @@ class KernelRoof:
     # pays}, measured in the calibration's decode. Its place in the layer sets it: Phi-3 Mini's norm before
     # attention (after the MLP) costs 1.5x its norm before the MLP, the same kernel on the same operands.
     overhead_factor_by_op: dict = field(default_factory=dict)
+
+    def with_fixed_costs_scaled(self, factor: float) -> "KernelRoof":
+        """This roof with every term of its fixed cost per call times `factor` (perfsim.compare scales them by
+        a run's cold-call probe over the calibration's); the compute roof and overlap stay."""
+        return dataclasses.replace(self, overhead_us=self.overhead_us * factor, overhead_us_per_kv_mb=self.overhead_us_per_kv_mb * factor,
+                                   overhead_us_per_operand_mb=self.overhead_us_per_operand_mb * factor,
+                                   overhead_us_per_layer_mb=self.overhead_us_per_layer_mb * factor)
 
 
 @dataclass(frozen=True)
