@@ -158,6 +158,11 @@ def random_weights(model: ModelSpec, weight_format: str | QuantFormat = "q4_0", 
 # --- the engine ------------------------------------------------------------------------------------------------
 
 
+def _matrix_arrays(matrix) -> list:
+    """The arrays of a GEMV's weights: a packed matrix's row tiles and scales, or the f16/f32 array itself."""
+    return [matrix.qs, matrix.d] if hasattr(matrix, "qs") else [matrix]
+
+
 class Engine:
     def __init__(self, weights: Weights, kv_format: str = "f16"):
         self.weights = weights
@@ -219,6 +224,19 @@ class Session:
             for layer in w.layers
         )
         self.lm_head = bind_gemv(w.lm_head, self.xn, self.logits)
+
+    def streamed_regions(self) -> list:
+        """The arrays a step at the current position streams from memory, in the order it reads them:
+        each layer's GEMV weights (row tiles and scales) with, after its QKV projection, the K/V of the
+        positions its attention reads; then the lm_head's weights (perfsim.measure.read_pass_gb_s samples them)."""
+        readable = min(self.position + 1, self.max_context)
+        cache, regions = self.cache, []
+        for i, layer in enumerate(self.weights.layers):
+            regions += _matrix_arrays(layer.attn_qkv)
+            regions += [array[i, head, :readable] for array in cache.arrays for head in range(array.shape[1])]
+            for matrix in (layer.attn_output, layer.ffn_gate_up, layer.ffn_down):
+                regions += _matrix_arrays(matrix)
+        return regions + _matrix_arrays(self.weights.lm_head)
 
     def step(self, token: int) -> np.ndarray:
         """Decode one token at self.position; returns the logits (a buffer reused by the next step)."""

@@ -180,7 +180,7 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
     position, set_aside = session.position, []
     for attempt in range(1 + STEAL_RETRIES):
         session.position = position
-        stream_gb_s = read_pass_gb_s(threads)
+        stream_gb_s = read_pass_gb_s(threads, session)
         cold_call_us = cold_call_probe_us()
         faults_before, steal_before = _page_faults(), stolen_cpu_s()
         start = time.perf_counter()
@@ -210,7 +210,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
     warmup_step_s = time.perf_counter() - start
     session.position = first
-    read_pass_gb_s(threads)  # compile or load the streaming kernel, fault its buffer in
+    read_pass_gb_s(threads, session)  # compile or load the streaming kernel, fault its buffer in
     cold_call_probe_us()
     token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
@@ -243,18 +243,49 @@ _STREAM_BUFFER = []
 # 2x this host class's L3, and read last a whole decode step (GBs) ago, so every pass comes from DRAM;
 # 128 MiB measured the same rates but added 67 MB to the peak resident memory of every measured run.
 SAME_RUN_STREAM_BYTES = 64 * 2**20
+SAMPLE_CHUNK_BYTES = 2**20  # a session's pass reads 64 chunks of its own memory (kernels/stream.py: sample_chunks)
+# The end of a step (the lm_head, the last layer) may still be in the caches when the next step's pass
+# runs: the sample leaves out the last 2x the L3 of what a step reads. In the 180 MB calibration model
+# that is a third of it; in Phi-3 Mini (2.1 GB) 3%.
+SAMPLE_SKIPS_LAST_BYTES = 64 * 2**20
 
 
-def read_pass_gb_s(threads: int) -> float:
-    """One streaming read of SAME_RUN_STREAM_BYTES with `threads` threads, in GB/s: the memory roof at the moment of
-    the work that follows it. Calibration fits its kernels' `overlap` against passes of this same kind
-    (one pass right before the work, not a best-of), so a prediction made with this roof is like for like."""
+def _session_sample(session):
+    """The chunks of the session's memory its pass reads (a typed List), or None for a model too small to
+    sample from DRAM (the pass then reads its own buffer)."""
+    from perfsim.kernels.stream import sample_chunks
+
+    regions, skipped = session.streamed_regions(), 0
+    while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
+        skipped += regions.pop().nbytes
+    if sum(r.nbytes for r in regions) < SAME_RUN_STREAM_BYTES:
+        return None
+    return sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES)
+
+
+def read_pass_gb_s(threads: int, session=None) -> float:
+    """One streaming read with `threads` threads, in GB/s: the memory roof at the moment of the work that
+    follows it. Calibration fits its kernels' `overlap` against passes of this same kind (one pass right
+    before the work, not a best-of), so a prediction made with this roof is like for like.
+
+    Given a decode session, the pass reads a sample of what its next step streams (Session.streamed_regions):
+    SAME_RUN_STREAM_BYTES in chunks spread over its weights and K/V, as placed in memory. On this KVM host
+    the rate of memory depends on where it landed: a pass over a 64 MiB buffer of its own once read
+    7.2-7.5 GB/s on one thread for a whole Phi-3 Medium sweep (10.8-11.4 in the others) while the GEMVs
+    ran as usual, and in another sweep Phi-3 Small's GEMVs ran 9-18% slower than their buffer said. Six
+    fresh Phi-3 Mini models, one per process: a 64 MiB buffer beside each read 1.01-1.10x as fast as one
+    pass over all the model's row tiles on one thread (1.02-1.14x on two), a sample of them 0.98-1.05x
+    (0.98-1.09x). Without a session, or when a step streams under 2 x SAME_RUN_STREAM_BYTES (less than
+    that is left once SAMPLE_SKIPS_LAST_BYTES are), the pass reads a buffer of SAME_RUN_STREAM_BYTES."""
     from perfsim.kernels.jit import set_threads
-    from perfsim.kernels.stream import read_pass_s, stream_buffer
+    from perfsim.kernels.stream import read_chunks_s, read_pass_s, stream_buffer
 
+    set_threads(threads)
+    chunks = _session_sample(session) if session is not None else None
+    if chunks is not None:
+        return sum(c.nbytes for c in chunks) / read_chunks_s(chunks) / 1e9
     if not _STREAM_BUFFER:
         _STREAM_BUFFER.append(stream_buffer(SAME_RUN_STREAM_BYTES))
-    set_threads(threads)
     return _STREAM_BUFFER[0].nbytes / read_pass_s(_STREAM_BUFFER[0]) / 1e9
 
 

@@ -281,6 +281,45 @@ def test_a_measurement_reports_the_interquartile_mean_of_its_steps():
     assert measurement_record(m)["ms_per_token"] == pytest.approx(m.ms_per_token)
 
 
+def test_a_sessions_streamed_regions_are_the_bytes_the_workload_says_a_step_reads():
+    """Independent of the engine's layout: perfsim.workload's byte formulas for the GEMVs' weights and
+    attention's K/V at the step's context."""
+    from perfsim.workload import decode_ops
+
+    for kv_format in ("f16", "q8_0", "f32"):
+        engine = Engine.random(TINY, "q4_0", kv_format)
+        session = engine.session(64)
+        session.fill_cache(40)  # the next step writes position 40 and reads 41 positions
+        regions = session.streamed_regions()
+        assert all(r.flags.c_contiguous for r in regions)
+        ops = decode_ops(TINY, engine.formats, 41)
+        expected = sum(op.count * op.cost.weight_bytes for op in ops if op.kind == "gemv")
+        expected += sum(op.count * op.cost.kv_bytes for op in ops if op.kind == "attention")
+        assert sum(r.nbytes for r in regions) == expected, kv_format
+        layer = engine.weights.layers[0]
+        assert np.shares_memory(regions[0], layer.attn_qkv.qs) and np.shares_memory(regions[-1], engine.weights.lm_head.d)
+
+
+def test_a_sessions_streaming_pass_reads_its_own_memory_but_not_the_end_of_the_last_step(monkeypatch):
+    from perfsim import measure
+
+    session = Engine.random(TINY, "q4_0", "f16").session(64)
+    session.fill_cache(40)
+    assert measure._session_sample(session) is None  # 0.4 MB: the caches would hold it; the pass reads its buffer
+    assert measure.read_pass_gb_s(1, session) > 0
+    monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**16)
+    monkeypatch.setattr(measure, "SAMPLE_CHUNK_BYTES", 2**12)
+    monkeypatch.setattr(measure, "SAMPLE_SKIPS_LAST_BYTES", 2**15)
+    chunks = measure._session_sample(session)
+    assert sum(c.nbytes for c in chunks) > 0.9 * 2**16
+    weights = session.weights
+    layer_arrays = [a for layer in weights.layers for m in (layer.attn_qkv, layer.attn_output, layer.ffn_gate_up, layer.ffn_down)
+                    for a in (m.qs, m.d)] + list(session.cache.arrays)
+    assert all(any(np.shares_memory(c, a) for a in layer_arrays) for c in chunks)
+    assert not any(np.shares_memory(c, a) for c in chunks for a in (weights.lm_head.qs, weights.lm_head.d))  # the skipped tail
+    assert measure.read_pass_gb_s(2, session) > 0
+
+
 def test_comparison_errors_are_signed_relative_to_the_measurement():
     from perfsim.device import device_from_data
 

@@ -282,7 +282,9 @@ def test_stream_kernels_compile_to_plain_loads_not_gathers():
     from perfsim.kernels import stream
 
     data, operand = np.arange(3 * stream._CHUNK_ELEMENTS, dtype=np.int64), np.zeros(64, np.float32)
-    for kernel, args in ((stream.sum_int64, (data,)), (stream.stream_then_write, (data, 7, data.size - 5, 2, operand.copy(), operand))):
+    chunks = stream.sample_chunks([data], data.nbytes // 2, data.nbytes // 8)
+    for kernel, args in ((stream.sum_int64, (data,)), (stream.stream_then_write, (data, 7, data.size - 5, 2, operand.copy(), operand)),
+                         (stream.sum_int64_chunks, (chunks,))):
         kernel.compile()  # swaps in numba.prange
         fresh = numba.njit(parallel=True, fastmath=True, error_model="numpy")(kernel.py_func)  # not from the cache
         fresh(*args)
@@ -300,6 +302,47 @@ def test_stream_then_write_reads_its_range_and_copies_the_operand(n_chunks):
     total = stream.stream_then_write(data, 123, 9_876, n_chunks, source, operand)
     assert total == stream.sum_reference(data[123:9_876])  # every element of the range once, none outside
     np.testing.assert_array_equal(operand, source)  # every element written, whatever the thread split
+
+
+def test_int64_span_is_the_aligned_words_of_the_regions_own_bytes():
+    from perfsim.kernels import stream
+
+    region = np.arange(1001, dtype=np.uint16).reshape(7, 143)  # 2002 bytes, rows not 8-byte multiples
+    for start, stop in ((0, 2002), (3, 1999), (9, 17), (5, 6)):
+        span = stream.int64_span(region, start, stop)
+        assert np.shares_memory(span, region) or span.size == 0
+        address = region.ctypes.data
+        first = start + (-(address + start)) % 8
+        assert span.ctypes.data == address + first or span.size == 0
+        assert span.nbytes == max((stop - (address + stop) % 8) - first, 0)
+        raw = region.reshape(-1).view(np.uint8)[first : first + span.nbytes]
+        assert span.tobytes() == raw.tobytes()  # the same bytes, in place
+
+
+def test_sample_chunks_spread_over_the_regions_in_order_and_sum_like_numpy():
+    from perfsim.kernels import stream
+
+    rng = np.random.default_rng(3)
+    # regions as a step reads them: big weight matrices, small K/V rows, one region smaller than a chunk
+    regions = [rng.integers(-(2**40), 2**40, size=n, dtype=np.int64) for n in (40_000, 300, 70_000, 10, 50_000)]
+    chunk_bytes = 8 * 1000
+    chunks = stream.sample_chunks(regions, 20 * chunk_bytes, chunk_bytes)
+    assert len(chunks) == 20
+    owners = [next(i for i, r in enumerate(regions) if np.shares_memory(c, r)) for c in chunks]
+    assert owners == sorted(owners)  # read in the regions' order
+    total = sum(r.nbytes for r in regions)
+    share = [sum(c.nbytes for c, o in zip(chunks, owners) if o == i) / r.nbytes for i, r in enumerate(regions)]
+    # each big region gets chunks in proportion to its bytes (20 evenly spaced offsets over 1.28 MB)
+    for i in (0, 2, 4):
+        assert abs(owners.count(i) - 20 * regions[i].nbytes / total) <= 1
+    assert all(s <= 1 for s in share)
+    for c, o in zip(chunks, owners):  # whole chunks inside their region (a 300-word region gives all of itself)
+        assert c.nbytes == min(chunk_bytes, regions[o].nbytes)
+    starts = [c.ctypes.data for c in chunks]
+    assert len(set(starts)) == len(starts)  # no chunk read twice
+    assert stream.sum_int64_chunks(chunks) == sum(stream.sum_reference(c) for c in chunks)
+    assert stream.read_chunks_s(chunks) > 0
+    assert len(stream.sample_chunks([], 10 * chunk_bytes, chunk_bytes)) == 0
 
 
 def test_dram_copies_have_their_own_pages_and_cover_the_requested_bytes():
