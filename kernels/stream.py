@@ -109,7 +109,7 @@ def sample_chunks(regions: list, n_bytes: int, chunk_bytes: int):
     Why sample instead of reading a buffer of our own: on a KVM guest, memory read at different rates
     depending on where the host placed it. Sixteen 64 MiB buffers of one process read 10.8-11.3 GB/s
     alike on one thread, but 224 across 14 GB read 7.6-12.1 GB/s, each buffer at the same rate round
-    after round (rounds correlated 0.74-0.90). A step reads its weights and K/V wherever they landed,
+    after round (rounds correlated 0.74-0.90). A decode step reads its weights wherever they landed,
     so its memory roof is the rate of those pages: a sample across them, not 64 MiB elsewhere."""
     from numba.typed import List
 

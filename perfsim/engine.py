@@ -225,16 +225,13 @@ class Session:
         )
         self.lm_head = bind_gemv(w.lm_head, self.xn, self.logits)
 
-    def streamed_regions(self) -> list:
-        """The arrays a step at the current position streams from memory, in the order it reads them:
-        each layer's GEMV weights (row tiles and scales) with, after its QKV projection, the K/V of the
-        positions its attention reads; then the lm_head's weights (perfsim.measure.read_pass_gb_s samples them)."""
-        readable = min(self.position + 1, self.max_context)
-        cache, regions = self.cache, []
-        for i, layer in enumerate(self.weights.layers):
-            regions += _matrix_arrays(layer.attn_qkv)
-            regions += [array[i, head, :readable] for array in cache.arrays for head in range(array.shape[1])]
-            for matrix in (layer.attn_output, layer.ffn_gate_up, layer.ffn_down):
+    def streamed_weights(self) -> list:
+        """The GEMV weight arrays a step streams from memory (row tiles and scales of a packed matrix), in
+        the order it reads them: each layer's QKV, output, gate/up and down projections, then the lm_head
+        (perfsim.measure.read_pass_gb_s samples them)."""
+        regions = []
+        for layer in self.weights.layers:
+            for matrix in (layer.attn_qkv, layer.attn_output, layer.ffn_gate_up, layer.ffn_down):
                 regions += _matrix_arrays(matrix)
         return regions + _matrix_arrays(self.weights.lm_head)
 

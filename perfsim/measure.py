@@ -245,8 +245,8 @@ _STREAM_BUFFER = []
 SAME_RUN_STREAM_BYTES = 64 * 2**20
 SAMPLE_CHUNK_BYTES = 2**20  # a session's pass reads 64 chunks of its own memory (kernels/stream.py: sample_chunks)
 # The end of a step (the lm_head, the last layer) may still be in the caches when the next step's pass
-# runs: the sample leaves out the last 2x the L3 of what a step reads. In the 180 MB calibration model
-# that is a third of it; in Phi-3 Mini (2.1 GB) 3%.
+# runs: the sample leaves out the last 2x the L3 of the weights a step reads. In the first calibration
+# model (180 MB) that is a third of them; in Phi-3 Mini (2.1 GB) 3%.
 SAMPLE_SKIPS_LAST_BYTES = 64 * 2**20
 
 
@@ -255,7 +255,7 @@ def _session_sample(session):
     sample from DRAM (the pass then reads its own buffer)."""
     from perfsim.kernels.stream import sample_chunks
 
-    regions, skipped = session.streamed_regions(), 0
+    regions, skipped = session.streamed_weights(), 0
     while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
         skipped += regions.pop().nbytes
     if sum(r.nbytes for r in regions) < SAME_RUN_STREAM_BYTES:
@@ -268,15 +268,19 @@ def read_pass_gb_s(threads: int, session=None) -> float:
     follows it. Calibration fits its kernels' `overlap` against passes of this same kind (one pass right
     before the work, not a best-of), so a prediction made with this roof is like for like.
 
-    Given a decode session, the pass reads a sample of what its next step streams (Session.streamed_regions):
-    SAME_RUN_STREAM_BYTES in chunks spread over its weights and K/V, as placed in memory. On this KVM host
-    the rate of memory depends on where it landed: a pass over a 64 MiB buffer of its own once read
-    7.2-7.5 GB/s on one thread for a whole Phi-3 Medium sweep (10.8-11.4 in the others) while the GEMVs
-    ran as usual, and in another sweep Phi-3 Small's GEMVs ran 9-18% slower than their buffer said. Six
-    fresh Phi-3 Mini models, one per process: a 64 MiB buffer beside each read 1.01-1.10x as fast as one
-    pass over all the model's row tiles on one thread (1.02-1.14x on two), a sample of them 0.98-1.05x
-    (0.98-1.09x). Without a session, or when a step streams under 2 x SAME_RUN_STREAM_BYTES (less than
-    that is left once SAMPLE_SKIPS_LAST_BYTES are), the pass reads a buffer of SAME_RUN_STREAM_BYTES."""
+    Given a decode session, the pass reads a sample of the weights its next step streams
+    (Session.streamed_weights): SAME_RUN_STREAM_BYTES in chunks spread over them, where they were placed
+    in memory. On this KVM host the rate of memory depends on where it landed: a pass over a 64 MiB
+    buffer of its own once read 7.2-7.5 GB/s on one thread for a whole Phi-3 Medium sweep (10.8-11.4 in
+    the others) while the GEMVs ran as usual, and in another sweep Phi-3 Small's GEMVs ran 9-18% slower
+    than their buffer said. Measured in one process, at contexts 128 and 4000, the GEMVs of the first two
+    calibration models and of Phi-3 Mini streamed 0.92-0.94 of this sample's rate on one thread, 0.86-0.90
+    of the buffer's. A sample that took in the K/V the step reads too (mostly rows of a few tens of KB at
+    short contexts, which read slower for being short) gave 0.91-1.07 and shifted calibration's q4_0 fit
+    (overlap 0.31, fixed cost 0 on one thread, against 0.04-0.11 and 40-60 us); attention's own fit absorbs
+    how its K/V reads against this roof. Without a session, or when a step streams under
+    2 x SAME_RUN_STREAM_BYTES of weights (less than that is left once SAMPLE_SKIPS_LAST_BYTES are), the
+    pass reads a buffer of SAME_RUN_STREAM_BYTES."""
     from perfsim.kernels.jit import set_threads
     from perfsim.kernels.stream import read_chunks_s, read_pass_s, stream_buffer
 
