@@ -287,6 +287,11 @@ def device_from_data(data, where: str) -> Device:
             calibration["other_load_fraction"] = c.number("other_load_fraction", minimum=0)
         if c.data.get("stolen_fraction") is not None:  # vCPU time the hypervisor gave other guests meanwhile (/proc/stat steal)
             calibration["stolen_fraction"] = c.number("stolen_fraction", minimum=0)
+        second_looks = c.items("second_looks", required=False)  # in-cache roofs measured faster a second time
+        if not all(isinstance(line, str) for line in second_looks):
+            c.fail("second_looks", "expected a list of text lines")
+        if second_looks:
+            calibration["second_looks"] = list(second_looks)
         c.done()
     device = Device(
         name=name,

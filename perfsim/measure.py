@@ -11,6 +11,7 @@ import os
 import resource
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 
 from perfsim.errors import UserError
@@ -250,17 +251,22 @@ SAMPLE_CHUNK_BYTES = 2**20  # a session's pass reads 64 chunks of its own memory
 SAMPLE_SKIPS_LAST_BYTES = 64 * 2**20
 
 
+_SESSION_SAMPLES = weakref.WeakKeyDictionary()  # session -> its chunks (the weights do not move): made once, ~3 ms
+
+
 def _session_sample(session):
     """The chunks of the session's memory its pass reads (a typed List), or None for a model too small to
     sample from DRAM (the pass then reads its own buffer)."""
+    if session in _SESSION_SAMPLES:
+        return _SESSION_SAMPLES[session]
     from perfsim.kernels.stream import sample_chunks
 
     regions, skipped = session.streamed_weights(), 0
     while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
         skipped += regions.pop().nbytes
-    if sum(r.nbytes for r in regions) < SAME_RUN_STREAM_BYTES:
-        return None
-    return sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES)
+    chunks = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if sum(r.nbytes for r in regions) >= SAME_RUN_STREAM_BYTES else None
+    _SESSION_SAMPLES[session] = chunks
+    return chunks
 
 
 def read_pass_gb_s(threads: int, session=None) -> float:

@@ -305,7 +305,10 @@ def test_a_sessions_streaming_pass_reads_its_own_memory_but_not_the_end_of_the_l
     monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**16)
     monkeypatch.setattr(measure, "SAMPLE_CHUNK_BYTES", 2**12)
     monkeypatch.setattr(measure, "SAMPLE_SKIPS_LAST_BYTES", 2**15)
+    assert measure._session_sample(session) is None  # made once per session: its weights do not move
+    session = session.engine.session(64)
     chunks = measure._session_sample(session)
+    assert measure._session_sample(session) is chunks
     assert sum(c.nbytes for c in chunks) > 0.9 * 2**16
     weights = session.weights
     layer_arrays = [a for layer in weights.layers for m in (layer.attn_qkv, layer.attn_output, layer.ffn_gate_up, layer.ffn_down)
@@ -702,6 +705,45 @@ def test_a_gemv_roof_out_of_line_with_its_other_thread_count_is_picked_for_measu
     assert calibrate._disagreeing_thread_count({1: 32.07, 2: 103.7}) == 1  # disturbed on one thread
     assert calibrate._disagreeing_thread_count({1: 54.51, 2: 61.71}) == 2  # disturbed on two
     assert calibrate._disagreeing_thread_count({1: 20.0}) is None  # a one-core host has nothing to compare
+
+
+def test_a_profile_lists_its_second_looks_as_lines_and_rejects_anything_else():
+    from perfsim.device import device_from_data
+
+    data = fake_profile()
+    data["calibration"]["second_looks"] = ["gemv.q4_0 at 1 threads: 32.07 -> 55.13 GFLOP/s"]
+    assert device_from_data(data, "p.yaml").calibration["second_looks"] == data["calibration"]["second_looks"]
+    data["calibration"]["second_looks"] = [{"gemv.q4_0": 55.13}]
+    with pytest.raises(UserError, match="second_looks: expected a list of text lines"):
+        device_from_data(data, "p.yaml")
+    data["calibration"]["second_looks"] = []
+    assert "second_looks" not in device_from_data(data, "p.yaml").calibration
+
+
+def test_a_second_look_replaces_an_in_cache_roof_measured_while_the_host_was_slowed_and_keeps_the_others():
+    """Roofs of the twelfth session's disturbed calibrations (first look) against quiet ones (second)."""
+    from types import SimpleNamespace
+
+    benches = [SimpleNamespace(kernel=k) for k in ("gemv.q4_0", "attention.f16")]
+    first = {("gemv.q4_0", 1): 32.07, ("gemv.q4_0", 2): 107.8, ("attention.f16", 1): 12.21, ("attention.f16", 2): 29.12}
+    second = {("gemv.q4_0", 1): 55.13, ("gemv.q4_0", 2): 113.3, ("attention.f16", 1): 11.62, ("attention.f16", 2): 31.15}
+    roofs = {b.kernel: {t: {"gflops": first[b.kernel, t], "overlap": 0.1, "overhead_us": 40.0} for t in (1, 2)} for b in benches}
+    roofs["attention.f16"][1]["time_factor_by_head_dim"] = {96: 1.04}
+    refits = []
+
+    def refit(bench, threads, gflops):
+        refits.append((bench.kernel, threads, gflops))
+        return {"gflops": gflops, "overlap": 0.2, "overhead_us": 30.0}
+
+    measured = []
+    replaced = calibrate._second_look(roofs, dict(first), benches, [1, 2],
+                                      lambda bench, threads: measured.append((bench.kernel, threads)) or second[bench.kernel, threads], refit)
+    assert sorted(measured) == sorted(first)  # every parallel kernel at every thread count looked at again
+    assert refits == [("gemv.q4_0", 1, 55.13)]  # 1.72x: replaced; 1.05x and 1.07x (quiet spread), 0.95x: kept
+    assert roofs["gemv.q4_0"][1] == {"gflops": 55.13, "overlap": 0.2, "overhead_us": 30.0}
+    assert roofs["gemv.q4_0"][2]["gflops"] == 107.8 and roofs["attention.f16"][2]["gflops"] == 29.12
+    assert roofs["attention.f16"][1]["time_factor_by_head_dim"] == {96: 1.04}
+    assert replaced == ["gemv.q4_0 at 1 threads: 32.07 -> 55.13 GFLOP/s"]
 
 
 def test_the_nonnegative_line_drops_a_column_whose_free_slope_is_negative_and_one_that_hardly_varies():
