@@ -39,7 +39,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 29  # bump whenever what is measured changes (v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 30  # bump whenever what is measured changes (v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -268,6 +268,20 @@ def _attention_bench(fmt: str, group: int = 1) -> KernelBench:
 ATTENTION_HEAD_DIMS = (64, 80, 96)  # multi-head f16 attention's time factor is measured at these, against 128
 HEAD_DIM_POSITIONS = 4096  # positions of each head_dim's cache: 8-17 MB a layer, so its fixed cost is ~1-2% of a call
 HEAD_DIM_ROUNDS = 40  # 9 rounds (0.1 s) gave head_dim 96 a factor of 1.02-1.23 from one run to the next; 40, 1.04-1.10
+HEAD_DIM_PASSES = 5  # reads of each head_dim's cache its time per byte is scaled by
+
+
+def _cache_read_gb_s(cache, flush) -> float:
+    """GB/s of a read of the whole K/V cache from DRAM (after a read of `flush`, a buffer 2x the L3):
+    the median of HEAD_DIM_PASSES."""
+    from perfsim.kernels.stream import read_chunks_s, sample_chunks, sum_int64
+
+    whole = sample_chunks(list(cache.arrays), cache.nbytes, 2**20)
+    reads = []
+    for _ in range(HEAD_DIM_PASSES):
+        sum_int64(flush)
+        reads.append(sum(c.nbytes for c in whole) / read_chunks_s(whole) / 1e9)
+    return statistics.median(reads)
 
 
 def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int = 2) -> dict:
@@ -277,9 +291,16 @@ def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int =
     its K/V from DRAM (the others' 200+ MB pass between), as decode reads it; the median of rounds.
     Measured: rows of 96 streamed at 0.68 of the read on one thread and 0.76 on two, rows of 128 at 0.75
     and 0.83; the per-byte roofline had phi-3-mini's attention (96) 7% fast on average over eight rounds
-    of sweeps (13% on two threads), and phi-3-small's (128) +2%."""
+    of sweeps (13% on two threads), and phi-3-small's (128) +2%.
+
+    Each cache is an allocation of its own, and on this KVM host memory reads at a rate that depends on
+    where it landed (perfsim.measure.read_kv_pass_gb_s): one calibration's factors on two threads came out
+    1.45 at 80 and 1.41 at 96 (1.10-1.16 and 1.03-1.09 in the others) and Phi-3 Mini's attention +50% to
+    +157% on two threads. Each head_dim's time per byte is taken in units of its own cache's read rate
+    (the median of HEAD_DIM_PASSES reads of the whole cache, each after a read of a buffer 2x the L3)."""
     from perfsim.kernels.attention import attention, attention_cost, fill_random_kv, new_kv_cache
     from perfsim.kernels.jit import set_threads
+    from perfsim.kernels.stream import stream_buffer
 
     set_threads(threads)
     rng = np.random.default_rng(0)
@@ -297,7 +318,9 @@ def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int =
                 start = time.perf_counter()
                 attention(q, cache, layer, HEAD_DIM_POSITIONS, out)
                 seconds_per_byte.append((time.perf_counter() - start) / kv_bytes)
-    per_byte = {head_dim: statistics.median(samples) for head_dim, _, _, _, _, samples in runs}
+    flush = stream_buffer(64 * 2**20)
+    read_gb_s = {head_dim: _cache_read_gb_s(cache, flush) for head_dim, cache, *_ in runs}
+    per_byte = {head_dim: statistics.median(samples) * read_gb_s[head_dim] for head_dim, _, _, _, _, samples in runs}
     return {head_dim: _sig(per_byte[head_dim] / per_byte[128]) for head_dim in ATTENTION_HEAD_DIMS}
 
 
@@ -502,10 +525,14 @@ class DecodeShapedPoint:
     model: int = 0  # which decode-shaped model (_decode_shaped_calls' `models` index)
     op: str = ""  # the engine's op name (attn_norm, ffn_norm, ...): a kernel's ops each have their own points
     layer_weight_bytes: int = 0  # weight bytes a layer of its model streams (Op.layer_weight_bytes)
+    kv_stream_gb_s: float = 0.0  # median of the K/V passes run before the steps (0: none; its K/V then at stream_gb_s)
 
     def roofs_s(self, gflops: float) -> tuple:
-        """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes."""
-        return self.cost.flops / (gflops * 1e9), self.cost.bytes / (self.stream_gb_s * 1e9)
+        """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes,
+        as perfsim.roofline times an op of a measured run: its K/V bytes at the K/V pass's rate when there was one."""
+        kv_bytes = self.cost.kv_bytes if self.kv_stream_gb_s > 0 else 0
+        memory_s = (self.cost.bytes - kv_bytes) / (self.stream_gb_s * 1e9) + (kv_bytes / (self.kv_stream_gb_s * 1e9) if kv_bytes else 0.0)
+        return self.cost.flops / (gflops * 1e9), memory_s
 
 
 def _decode_shaped_calls(models: list, threads: int, probes: list | None = None) -> dict:
@@ -527,7 +554,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     from perfsim.measure import timed_step
     from perfsim.workload import decode_ops
 
-    samples, costs, kv_bytes, layer_bytes, passes, cold_calls = {}, {}, {}, {}, {}, {}
+    samples, costs, kv_bytes, layer_bytes, passes, kv_passes, cold_calls = {}, {}, {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     turns = []  # (steps_per_round, context, session, {(model index, kernel, op name or ""): op sequence indices})
     for model_index, (weights_by_embedding, sessions, steps_per_round) in enumerate(models):
@@ -563,12 +590,14 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
                 for key, indices in timed.items():
                     samples.setdefault((key, context), []).append(statistics.fmean(marks[i + 1] - marks[i] for i in indices))
                     passes.setdefault((key, context), []).append(gb_s)
+                    kv_passes.setdefault((key, context), []).append(step.kv_stream_gb_s)
                     cold_calls.setdefault((key, context), []).append(probe_us)
     points = {}
     for key, context in samples:
         points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
-            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2], layer_bytes[key, context]))
+            statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2], layer_bytes[key, context],
+            statistics.median(kv_passes[key, context])))
     return points
 
 

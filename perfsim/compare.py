@@ -116,13 +116,18 @@ class Comparison:
         return out
 
 
-def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0) -> Device:
+def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0, kv_stream_gb_s: float = 0.0) -> Device:
     """The calibrated host as measured beside the decode, by microbenchmarks, not the decode: the DRAM
     and the CPU of a shared host drift. Its memory roof at `threads` becomes the streaming read of the
-    same run; when both the run and the profile have a cold-call probe (perfsim.measure.cold_call_probe_us),
-    every fixed cost per call at `threads` is scaled by the ratio of the two probes."""
+    same run (of a sample of its weights), and the K/V bytes stream at the run's read of its K/V cache when
+    it has one (kv_stream_gb_s > 0); when both the run and the profile have a cold-call probe
+    (perfsim.measure.cold_call_probe_us), every fixed cost per call at `threads` is scaled by the ratio of
+    the two probes."""
     unit = device.unit()
-    changes = {"bandwidth_gb_s_by_threads": {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s}}
+    changes = {"bandwidth_gb_s_by_threads": {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s},
+               "kv_bandwidth_gb_s_by_threads": {t: gb_s for t, gb_s in unit.kv_bandwidth_gb_s_by_threads.items() if t != threads}}
+    if kv_stream_gb_s > 0:
+        changes["kv_bandwidth_gb_s_by_threads"][threads] = kv_stream_gb_s
     calibrated_probe_us = unit.cold_call_us_by_threads.get(threads, 0.0)
     if cold_call_us > 0 and calibrated_probe_us > 0:
         factor = cold_call_us / calibrated_probe_us
@@ -137,11 +142,13 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
 
 def compare(device: Device, measurement: Measurement, same_run_host: bool = True) -> Comparison:
     """Each measured step predicted at its context; with same_run_host, for the host as that step's own
-    streaming pass and cold-call probe found it (a run without them per step: their medians)."""
+    streaming passes and cold-call probe found it (a run without them per step: their medians)."""
     m = measurement
     predictions = []
-    for context, stream_gb_s, cold_call_us in zip(m.contexts, m.each_step_stream_gb_s, m.each_step_cold_call_us):
-        step_device = with_same_run_host(device, m.threads, stream_gb_s, cold_call_us) if same_run_host and stream_gb_s > 0 else device
+    for context, stream_gb_s, cold_call_us, kv_stream_gb_s in zip(m.contexts, m.each_step_stream_gb_s, m.each_step_cold_call_us,
+                                                                  m.each_step_kv_stream_gb_s):
+        step_device = (with_same_run_host(device, m.threads, stream_gb_s, cold_call_us, kv_stream_gb_s)
+                       if same_run_host and stream_gb_s > 0 else device)
         predictions.append(predict(m.model, m.formats, step_device, context, prompt_tokens=1, threads=m.threads))
     return Comparison(device, m, tuple(predictions))
 

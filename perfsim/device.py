@@ -41,6 +41,10 @@ class ComputeUnit:
     kernel_roofs: dict = field(default_factory=dict)  # measured, per kernel and thread count: KernelRoof
     # calibrated hosts: perfsim.measure.cold_call_probe_us beside the calibration's decode steps, per thread count
     cold_call_us_by_threads: dict = field(default_factory=dict)
+    # The host as one measured run found it (perfsim.compare.with_same_run_host), never a profile's: the read
+    # rate of the memory its K/V cache landed in, per thread count, for the K/V bytes (the others: the
+    # bandwidth above). Not given: the K/V bytes stream at the bandwidth above too.
+    kv_bandwidth_gb_s_by_threads: dict = field(default_factory=dict)
 
     def peak_flops(self, precision: str) -> float:
         listed = next(p for p in _PRECISION_FALLBACK[precision] if p in self.peak_tflops)  # the loader ensures one

@@ -215,6 +215,7 @@ class Round:
     work_s: float  # the timed work right after it
     clean: bool  # both halves got threads x wall time of CPU (no other process on our cores)
     result: object = None  # what work() returned
+    kv_stream_gb_s: float = 0.0  # decode rounds: the K/V pass before the streaming pass (perfsim.measure.read_kv_pass_gb_s)
 
 
 @dataclass(frozen=True)
@@ -239,15 +240,27 @@ class Rounds:
 
 
 def measure_rounds(host: Host, threads: int, work: Callable[[], object], target: int = TARGET_ROUNDS,
-                   budget_s: float = ROUND_BUDGET_S) -> Rounds:
+                   budget_s: float = ROUND_BUDGET_S, session=None) -> Rounds:
     """Rounds of (a streaming pass, then one call of `work`) at `threads` Numba threads, after a warm-up,
-    until `target` are clean or the budget is spent (and at least `target` ran)."""
+    until `target` are clean or the budget is spent (and at least `target` ran). The pass reads the host's
+    buffer; given a decode session, a K/V pass and then the streaming pass of measured decode
+    (perfsim.measure: samples of the session's K/V cache and of its weights)."""
     from perfsim.kernels import stream as stream_kernels
     from perfsim.kernels.jit import set_threads
+    from perfsim.measure import read_kv_pass_gb_s, read_pass_gb_s
 
     data = host.stream()
+
+    def read_passes() -> tuple:  # (stream GB/s, K/V stream GB/s)
+        if session is None:
+            start = time.perf_counter()
+            stream_kernels.sum_int64(data)
+            return data.nbytes / (time.perf_counter() - start) / 1e9, 0.0
+        kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
+        return read_pass_gb_s(threads, session), kv_stream_gb_s
+
     set_threads(threads)
-    stream_kernels.sum_int64(data)  # compile or load from Numba's cache; wake the thread pool
+    read_passes()  # compile or load from Numba's cache; wake the thread pool
     work()
     wall, cpu = time.perf_counter, time.process_time
     rounds = []
@@ -255,13 +268,13 @@ def measure_rounds(host: Host, threads: int, work: Callable[[], object], target:
     start = wall()
     while True:
         c0, t0 = cpu(), wall()
-        stream_kernels.sum_int64(data)
+        stream_gb_s, kv_stream_gb_s = read_passes()
         c1, t1 = cpu(), wall()
         result = work()
         c2, t2 = cpu(), wall()
         clean = c1 - c0 >= CLEAN_CPU_FRACTION * threads * (t1 - t0) and c2 - c1 >= CLEAN_CPU_FRACTION * threads * (t2 - t1)
         n_clean += clean
-        rounds.append(Round(data.nbytes / (t1 - t0) / 1e9, t2 - t1, clean, result))
+        rounds.append(Round(stream_gb_s, t2 - t1, clean, result, kv_stream_gb_s))
         elapsed = wall() - start
         if n_clean >= target or (elapsed >= budget_s and len(rounds) >= target) or elapsed >= 4 * budget_s:
             return Rounds(threads, tuple(rounds))
@@ -385,7 +398,7 @@ def decode_rounds(host: Host, context: int, fresh: bool = False) -> Rounds:
         session.step(1)
         return dict(session.op_seconds)
 
-    rounds = measure_rounds(host, host.all_threads, step, TARGET_ROUNDS, 2 * ROUND_BUDGET_S)
+    rounds = measure_rounds(host, host.all_threads, step, TARGET_ROUNDS, 2 * ROUND_BUDGET_S, session)
     host.decode_cache[context] = rounds
     return rounds
 
@@ -425,7 +438,8 @@ def _measurement(engine, threads: int, rounds, context: int):
                        step_seconds=tuple(r.work_s for r in rounds),
                        op_seconds={name: tuple(r.result[name] for r in rounds) for name in rounds[0].result},
                        load_s=0.0, warmup_s=0.0, peak_rss_bytes=0, weights_origin=engine.weights.origin,
-                       stream_gb_s=statistics.median(r.stream_gb_s for r in rounds))
+                       stream_gb_s=statistics.median(r.stream_gb_s for r in rounds),
+                       kv_stream_gb_s=statistics.median(r.kv_stream_gb_s for r in rounds))
 
 
 def _host_accuracy_probe(host: Host, context: int) -> Probe:

@@ -63,6 +63,8 @@ class Measurement:
     # Nonzero only for a step whose every attempt was disturbed (timed_step re-runs the others).
     step_steal_s: tuple = ()
     set_aside_step_seconds: tuple = ()  # wall time of each attempt re-run because time was stolen during it
+    kv_stream_gb_s: float = 0.0  # median of the K/V passes run before each step (read_kv_pass_gb_s; 0: none)
+    step_kv_stream_gb_s: tuple = ()  # each step's K/V pass, same order as step_seconds
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -85,6 +87,11 @@ class Measurement:
     def each_step_stream_gb_s(self) -> tuple:
         """The streaming pass before each step; a run that kept only their median: it, for every step."""
         return self.step_stream_gb_s or (self.stream_gb_s,) * len(self.step_seconds)
+
+    @property
+    def each_step_kv_stream_gb_s(self) -> tuple:
+        """The K/V pass before each step (0.0: none, the K/V then stream at the streaming pass's rate)."""
+        return self.step_kv_stream_gb_s or (self.kv_stream_gb_s,) * len(self.step_seconds)
 
     @property
     def each_step_cold_call_us(self) -> tuple:
@@ -172,6 +179,7 @@ class TimedStep:
     page_faults: int
     steal_s: float  # stolen during it: 0.0 unless every attempt was disturbed
     set_aside_s: tuple  # wall time of each earlier attempt, which had time stolen
+    kv_stream_gb_s: float = 0.0  # the K/V pass run before the streaming pass (read_kv_pass_gb_s; 0: none)
 
 
 def timed_step(session, token: int, threads: int) -> TimedStep:
@@ -181,6 +189,7 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
     position, set_aside = session.position, []
     for attempt in range(1 + STEAL_RETRIES):
         session.position = position
+        kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
         stream_gb_s = read_pass_gb_s(threads, session)
         cold_call_us = cold_call_probe_us()
         faults_before, steal_before = _page_faults(), stolen_cpu_s()
@@ -189,7 +198,7 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
         seconds = time.perf_counter() - start
         page_faults, steal_s = _page_faults() - faults_before, stolen_cpu_s() - steal_before
         if steal_s <= 0 or attempt == STEAL_RETRIES:
-            return TimedStep(seconds, stream_gb_s, cold_call_us, page_faults, steal_s, tuple(set_aside))
+            return TimedStep(seconds, stream_gb_s, cold_call_us, page_faults, steal_s, tuple(set_aside), kv_stream_gb_s)
         set_aside.append(seconds)
 
 
@@ -211,6 +220,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
     warmup_step_s = time.perf_counter() - start
     session.position = first
+    read_kv_pass_gb_s(threads, session)
     read_pass_gb_s(threads, session)  # compile or load the streaming kernel, fault its buffer in
     cold_call_probe_us()
     token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
@@ -232,6 +242,8 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         weights_origin=engine.weights.origin,
         stream_gb_s=statistics.median(s.stream_gb_s for s in steps),
         step_stream_gb_s=tuple(s.stream_gb_s for s in steps),
+        kv_stream_gb_s=statistics.median(s.kv_stream_gb_s for s in steps),
+        step_kv_stream_gb_s=tuple(s.kv_stream_gb_s for s in steps),
         cold_call_us=statistics.median(s.cold_call_us for s in steps),
         step_cold_call_us=tuple(s.cold_call_us for s in steps),
         step_page_faults=tuple(s.page_faults for s in steps),
@@ -267,6 +279,43 @@ def _session_sample(session):
     chunks = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if sum(r.nbytes for r in regions) >= SAME_RUN_STREAM_BYTES else None
     _SESSION_SAMPLES[session] = chunks
     return chunks
+
+
+_SESSION_KV_SAMPLES = weakref.WeakKeyDictionary()  # session -> chunks of its K/V cache, or None
+
+
+def _session_kv_sample(session):
+    """Chunks of the session's K/V cache (a typed List) its K/V pass reads: every layer's but the last (the
+    previous step read that one's last, so the caches may hold it), or None when those layers hold under
+    2 x SAME_RUN_STREAM_BYTES (the caches would hold much of the sample)."""
+    if session in _SESSION_KV_SAMPLES:
+        return _SESSION_KV_SAMPLES[session]
+    from perfsim.kernels.stream import sample_chunks
+
+    regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous
+    enough = sum(r.nbytes for r in regions) >= 2 * SAME_RUN_STREAM_BYTES
+    chunks = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if enough else None
+    _SESSION_KV_SAMPLES[session] = chunks
+    return chunks
+
+
+def read_kv_pass_gb_s(threads: int, session) -> float:
+    """One streaming read of a sample of the session's K/V cache (its allocation, the positions not yet
+    written included: they were faulted in with the rest) with `threads` threads, in GB/s; 0.0 when the
+    cache is too small to sample from DRAM. The read rate of memory on this KVM host depends on where it
+    landed, and a session's K/V cache is an allocation of its own: fourteen sessions of the first
+    calibration model at context 4000, made one after another in one process, read 14.7-22.9 GB/s from
+    their caches on two threads, and their attention streamed 11.1-16.6 GB/s, 0.70-0.83 of that
+    (correlation 0.96 over the fourteen). The K/V bytes a step reads are predicted at this rate
+    (perfsim.compare.with_same_run_host), the weights at read_pass_gb_s's."""
+    from perfsim.kernels.jit import set_threads
+    from perfsim.kernels.stream import read_chunks_s
+
+    chunks = _session_kv_sample(session)
+    if chunks is None:
+        return 0.0
+    set_threads(threads)
+    return sum(c.nbytes for c in chunks) / read_chunks_s(chunks) / 1e9
 
 
 def read_pass_gb_s(threads: int, session=None) -> float:
@@ -341,6 +390,8 @@ def measurement_record(m: Measurement) -> dict:
         "peak_rss_bytes": m.peak_rss_bytes,
         "stream_gb_s": m.stream_gb_s,
         "step_stream_gb_s": list(m.step_stream_gb_s),
+        "kv_stream_gb_s": m.kv_stream_gb_s,
+        "step_kv_stream_gb_s": list(m.step_kv_stream_gb_s),
         "cold_call_us": m.cold_call_us,
         "step_cold_call_us": list(m.step_cold_call_us),
         "step_page_faults": list(m.step_page_faults),

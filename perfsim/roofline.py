@@ -38,6 +38,8 @@ class Roofs:
     # overhead s per layer weight byte, {head_dim: time factor}, {op name: overhead factor})},
     # read by every prediction (built per prediction, it cost ~16 us of a ~30 us one).
     by_kernel: dict = field(init=False, compare=False, repr=False)
+    # A measured run's K/V read rate (ComputeUnit.kv_bandwidth_gb_s_by_threads) for the ops' K/V bytes; 0: the bandwidth above
+    kv_bandwidth_bytes_per_s: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "by_kernel", {k[0]: (*k[1:7], dict(k[7]), dict(k[8])) for k in self.kernels})
@@ -82,7 +84,8 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
         for kernel, by_threads in unit.kernel_roofs.items()
         if (r := by_threads.get(threads)) is not None
     )
-    return Roofs(bandwidth_gb_s * BYTES_PER_GB, flops, unit.overhead_us_per_op * 1e-6, kernels)
+    kv_bandwidth_gb_s = unit.kv_bandwidth_gb_s_by_threads.get(threads, 0.0) if unit.type == "cpu" else 0.0
+    return Roofs(bandwidth_gb_s * BYTES_PER_GB, flops, unit.overhead_us_per_op * 1e-6, kernels, kv_bandwidth_bytes_per_s=kv_bandwidth_gb_s * BYTES_PER_GB)
 
 
 def _roofs_by_op(roofs: Roofs):
@@ -107,6 +110,7 @@ def _op_terms(ops: tuple, roofs: Roofs):
     op's head_dim (multi-head attention) scales its compute and memory times, not its fixed cost; its
     factor for the op's name (a serial kernel several ops run) scales the fixed cost."""
     flops_per_s, bandwidth, overhead_per_op, kernels = _roofs_by_op(roofs)
+    kv_bandwidth = roofs.kv_bandwidth_bytes_per_s
     for op in ops:
         factor = 1.0
         if op.kernel in kernels:
@@ -117,7 +121,11 @@ def _op_terms(ops: tuple, roofs: Roofs):
             factor = factors.get(op.head_dim, 1.0)
         else:
             op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
-        yield op, factor * op.flops / op_flops_per_s, factor * op.bytes / bandwidth, overlap, op_overhead * op.count
+        if kv_bandwidth and op.kv_bytes:  # a measured run's K/V stream at their own rate
+            memory_s = (op.bytes - op.kv_bytes) / bandwidth + op.kv_bytes / kv_bandwidth
+        else:
+            memory_s = op.bytes / bandwidth
+        yield op, factor * op.flops / op_flops_per_s, factor * memory_s, overlap, op_overhead * op.count
 
 
 def decode_time_s(ops: tuple, roofs: Roofs) -> float:

@@ -64,6 +64,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "step_seconds": list(measurement.step_seconds),
                 "predicted_step_seconds": comparison.predicted_step_s,
                 "step_stream_gb_s": list(measurement.step_stream_gb_s),
+                "step_kv_stream_gb_s": list(measurement.step_kv_stream_gb_s),
                 "step_cold_call_us": list(measurement.step_cold_call_us),
                 "step_page_faults": list(measurement.step_page_faults),
                 "step_steal_s": list(measurement.step_steal_s),

@@ -46,11 +46,13 @@ class Op:
     flops: float = field(init=False)
     bytes: int = field(init=False)
     weight_bytes: int = field(init=False)
+    kv_bytes: int = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "flops", self.cost.flops * self.count)
         object.__setattr__(self, "bytes", self.cost.bytes * self.count)
         object.__setattr__(self, "weight_bytes", self.cost.weight_bytes * self.count)
+        object.__setattr__(self, "kv_bytes", self.cost.kv_bytes * self.count)
 
 
 def formats_from_names(weights: str, kv_cache: str, activations: str = "f32") -> Formats:

@@ -371,6 +371,67 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
 
 
+def test_the_kv_bytes_of_a_run_stream_at_its_kv_pass_and_the_rest_at_its_streaming_pass():
+    """with_same_run_host and the roofline: attention's K/V bytes at the K/V pass's rate, its other bytes
+    (the query, the output) and every other op's at the streaming pass's; no K/V pass, one rate for all."""
+    from perfsim.compare import with_same_run_host
+    from perfsim.device import device_from_data
+    from perfsim.roofline import op_times, unit_roofs
+    from perfsim.workload import decode_ops
+
+    device = device_from_data(fake_profile(), "fake.yaml")
+    formats = Engine.random(TINY, "q4_0", "f16").formats
+    ops = decode_ops(TINY, formats, 100)
+    one_rate = with_same_run_host(device, 1, stream_gb_s=10.0)
+    two_rates = with_same_run_host(one_rate, 1, stream_gb_s=10.0, kv_stream_gb_s=4.0)
+    assert one_rate.unit().kv_bandwidth_gb_s_by_threads == {} and two_rates.unit().kv_bandwidth_gb_s_by_threads == {1: 4.0}
+    assert with_same_run_host(two_rates, 1, stream_gb_s=10.0).unit().kv_bandwidth_gb_s_by_threads == {}  # a run without: none kept
+    same = {t.op.name: t for t in op_times(ops, unit_roofs(one_rate, one_rate.unit(), 1))}
+    split = {t.op.name: t for t in op_times(ops, unit_roofs(two_rates, two_rates.unit(), 1))}
+    for op in ops:
+        assert same[op.name].memory_s == pytest.approx(op.bytes / 10e9 * (same[op.name].memory_s * 10e9 / op.bytes))
+        expected = same[op.name].memory_s * ((op.bytes - op.kv_bytes) / 10e9 + op.kv_bytes / 4e9) / (op.bytes / 10e9)
+        assert split[op.name].memory_s == pytest.approx(expected), op.name
+    attention = next(op for op in ops if op.kind == "attention")
+    assert attention.kv_bytes > 0.9 * attention.bytes and split["attention"].memory_s > 2 * same["attention"].memory_s
+    assert split["attn_qkv"].memory_s == same["attn_qkv"].memory_s  # weights only
+
+    # compare: each step at its own K/V pass
+    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=2, threads=1)
+    assert measurement.step_kv_stream_gb_s == (0.0, 0.0)  # a tiny cache: no K/V pass
+    measurement = dataclasses.replace(measurement, step_stream_gb_s=(10.0, 10.0), step_kv_stream_gb_s=(4.0, 0.0))
+    c = compare(device, measurement)
+    attention_s = [next(t.memory_s for t in p.ops if t.op.kind == "attention") for p in c.predictions]
+    assert attention_s[0] > 2 * attention_s[1]
+
+
+def test_a_sessions_kv_pass_reads_its_cache_but_not_its_last_layer(monkeypatch):
+    from perfsim import measure
+
+    session = Engine.random(TINY, "q4_0", "q8_0").session(64)
+    assert measure._session_kv_sample(session) is None and measure.read_kv_pass_gb_s(1, session) == 0.0  # 100 KB
+    monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**12)  # the first layer holds 17 KB
+    monkeypatch.setattr(measure, "SAMPLE_CHUNK_BYTES", 2**9)
+    session = session.engine.session(64)
+    chunks = measure._session_kv_sample(session)
+    assert len(chunks) == 8
+    last_layer = [a[-1] for a in session.cache.arrays]
+    assert all(any(np.shares_memory(c, a) for a in session.cache.arrays) for c in chunks)
+    assert not any(np.shares_memory(c, a) for c in chunks for a in last_layer)
+    assert any(np.shares_memory(c, session.cache.k) for c in chunks) and any(np.shares_memory(c, session.cache.v) for c in chunks)
+    assert measure.read_kv_pass_gb_s(2, session) > 0
+
+
+def test_a_decode_shaped_points_memory_time_takes_its_kv_bytes_at_its_kv_pass():
+    from perfsim.cost import Cost
+
+    cost = Cost(flops=1e6, weight_bytes=0, kv_bytes=8_000_000, act_bytes=2_000_000)
+    point = calibrate.DecodeShapedPoint(1e-3, cost, 8_000_000, stream_gb_s=10.0)
+    assert point.roofs_s(10.0) == pytest.approx((1e-4, 1e-3))
+    point = dataclasses.replace(point, kv_stream_gb_s=4.0)
+    assert point.roofs_s(10.0) == pytest.approx((1e-4, 2e6 / 10e9 + 8e6 / 4e9))
+
+
 def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     """with_same_run_host: a run whose cold-call probe took 1.5x the calibration's gets every fixed cost at
     its thread count 1.5x (kernel overheads, their per-MB terms, the default per op), nothing else."""
@@ -907,8 +968,27 @@ def test_attention_head_dim_factors_are_time_per_kv_byte_over_that_at_128(monkey
         clock["now"] += per_byte_s[cache.head_dim] * at.attention_cost(q.shape[0], cache.n_kv_heads, cache.head_dim, n_positions).kv_bytes
 
     monkeypatch.setattr(at, "attention", fake_attention)
+    monkeypatch.setattr(calibrate, "_cache_read_gb_s", lambda cache, flush: 20.0)
     factors = calibrate._attention_head_dim_factors(1, n_heads=2)
     assert factors == {64: pytest.approx(1.3), 80: pytest.approx(1.2), 96: pytest.approx(1.1)}
+
+    # Caches that landed in memory of different speeds: each one's attention slower in proportion to its
+    # cache's read rate (the twelfth calibration of this session: 96's 1.4x slower), the same factors.
+    read_gb_s = {64: 20.0, 80: 14.0, 96: 14.0, 128: 21.0}
+    monkeypatch.setattr(calibrate, "_cache_read_gb_s", lambda cache, flush: read_gb_s[cache.head_dim])
+    intrinsic = dict(per_byte_s)
+    for head_dim in per_byte_s:
+        per_byte_s[head_dim] = intrinsic[head_dim] * 20.0 / read_gb_s[head_dim]
+    factors = calibrate._attention_head_dim_factors(1, n_heads=2)
+    assert factors == {64: pytest.approx(1.3), 80: pytest.approx(1.2), 96: pytest.approx(1.1)}
+
+
+def test_a_caches_read_rate_is_its_whole_bytes_over_the_median_read():
+    from perfsim.kernels.attention import new_kv_cache
+    from perfsim.kernels.stream import stream_buffer
+
+    cache = new_kv_cache(2, 4, 512, 64, "f16")
+    assert 0.5 < calibrate._cache_read_gb_s(cache, stream_buffer(2**20)) < 1000
 
 
 def test_a_calibrated_profile_carries_multi_head_attentions_head_dim_factors():
