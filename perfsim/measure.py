@@ -284,25 +284,32 @@ def _session_sample(session):
 _SESSION_KV_SAMPLES = weakref.WeakKeyDictionary()  # session -> chunks of its K/V cache, or None
 
 
+# A K/V pass reads SAME_RUN_STREAM_BYTES of the cache, or all of it when it holds less, each byte once; under
+# this much it is not timed (0.8 ms on two threads): at context 4000 the first calibration model's cache
+# holds 123 MB before its last layer and the grouped-query model's 37 MB, Phi-3 Mini's 49 MB at context 128.
+KV_SAMPLE_MIN_BYTES = 16 * 2**20
+
+
 def _session_kv_sample(session):
-    """Chunks of the session's K/V cache (a typed List) its K/V pass reads: every layer's but the last (the
-    previous step read that one's last, so the caches may hold it), or None when those layers hold under
-    2 x SAME_RUN_STREAM_BYTES (the caches would hold much of the sample)."""
+    """Chunks of the session's K/V cache (a typed List) its K/V pass reads: every layer's but the last
+    (read shortly before the end of the previous step, it may still be in the caches), or None when those
+    layers hold under KV_SAMPLE_MIN_BYTES. The previous step read the others long enough ago (a layer's
+    MLP weights, 30 MB and more, streamed after each), and the weights' pass follows this one."""
     if session in _SESSION_KV_SAMPLES:
         return _SESSION_KV_SAMPLES[session]
     from perfsim.kernels.stream import sample_chunks
 
     regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous
-    enough = sum(r.nbytes for r in regions) >= 2 * SAME_RUN_STREAM_BYTES
-    chunks = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if enough else None
+    space = sum(r.nbytes for r in regions)
+    chunks = sample_chunks(regions, min(SAME_RUN_STREAM_BYTES, space), SAMPLE_CHUNK_BYTES) if space >= KV_SAMPLE_MIN_BYTES else None
     _SESSION_KV_SAMPLES[session] = chunks
     return chunks
 
 
 def read_kv_pass_gb_s(threads: int, session) -> float:
     """One streaming read of a sample of the session's K/V cache (its allocation, the positions not yet
-    written included: they were faulted in with the rest) with `threads` threads, in GB/s; 0.0 when the
-    cache is too small to sample from DRAM. The read rate of memory on this KVM host depends on where it
+    written included: they were faulted in with the rest) with `threads` threads, in GB/s; 0.0 when its layers
+    before the last hold under KV_SAMPLE_MIN_BYTES. The read rate of memory on this KVM host depends on where it
     landed, and a session's K/V cache is an allocation of its own: fourteen sessions of the first
     calibration model at context 4000, made one after another in one process, read 14.7-22.9 GB/s from
     their caches on two threads, and their attention streamed 11.1-16.6 GB/s, 0.70-0.83 of that

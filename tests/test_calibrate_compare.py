@@ -410,7 +410,8 @@ def test_a_sessions_kv_pass_reads_its_cache_but_not_its_last_layer(monkeypatch):
 
     session = Engine.random(TINY, "q4_0", "q8_0").session(64)
     assert measure._session_kv_sample(session) is None and measure.read_kv_pass_gb_s(1, session) == 0.0  # 100 KB
-    monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**12)  # the first layer holds 17 KB
+    monkeypatch.setattr(measure, "KV_SAMPLE_MIN_BYTES", 2**12)  # the first layer holds 17 KB
+    monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**12)
     monkeypatch.setattr(measure, "SAMPLE_CHUNK_BYTES", 2**9)
     session = session.engine.session(64)
     chunks = measure._session_kv_sample(session)
@@ -420,6 +421,12 @@ def test_a_sessions_kv_pass_reads_its_cache_but_not_its_last_layer(monkeypatch):
     assert not any(np.shares_memory(c, a) for c in chunks for a in last_layer)
     assert any(np.shares_memory(c, session.cache.k) for c in chunks) and any(np.shares_memory(c, session.cache.v) for c in chunks)
     assert measure.read_kv_pass_gb_s(2, session) > 0
+    monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**20)  # more than the cache holds: all of it, once
+    session = session.engine.session(64)
+    chunks = measure._session_kv_sample(session)
+    first_layers = sum(a[:-1].nbytes for a in session.cache.arrays)
+    assert first_layers - 64 <= sum(c.nbytes for c in chunks) <= first_layers
+    assert len({c.ctypes.data for c in chunks}) == len(chunks)
 
 
 def test_a_decode_shaped_points_memory_time_takes_its_kv_bytes_at_its_kv_pass():
