@@ -263,47 +263,42 @@ SAMPLE_CHUNK_BYTES = 2**20  # a session's pass reads 64 chunks of its own memory
 SAMPLE_SKIPS_LAST_BYTES = 64 * 2**20
 
 
-_SESSION_SAMPLES = weakref.WeakKeyDictionary()  # session -> its chunks (the weights do not move): made once, ~3 ms
-
-
-def _session_sample(session):
-    """The chunks of the session's memory its pass reads (a typed List), or None for a model too small to
-    sample from DRAM (the pass then reads its own buffer)."""
-    if session in _SESSION_SAMPLES:
-        return _SESSION_SAMPLES[session]
-    from perfsim.kernels.stream import sample_chunks
-
-    regions, skipped = session.streamed_weights(), 0
-    while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
-        skipped += regions.pop().nbytes
-    chunks = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if sum(r.nbytes for r in regions) >= SAME_RUN_STREAM_BYTES else None
-    _SESSION_SAMPLES[session] = chunks
-    return chunks
-
-
-_SESSION_KV_SAMPLES = weakref.WeakKeyDictionary()  # session -> chunks of its K/V cache, or None
-
-
 # A K/V pass reads SAME_RUN_STREAM_BYTES of the cache, or all of it when it holds less, each byte once; under
 # this much it is not timed (0.8 ms on two threads): at context 4000 the first calibration model's cache
 # holds 123 MB before its last layer and the grouped-query model's 37 MB, Phi-3 Mini's 49 MB at context 128.
 KV_SAMPLE_MIN_BYTES = 16 * 2**20
 
+# session -> the chunks its passes read (typed Lists, or None): made once per session (~3 ms), as its
+# weights and its K/V cache stay where they are
+_WEIGHT_SAMPLES, _KV_SAMPLES = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+
+
+def _session_sample(session):
+    """The chunks of the session's weights its pass reads, or None for a model too small to sample from
+    DRAM (the pass then reads its own buffer)."""
+    if session not in _WEIGHT_SAMPLES:
+        from perfsim.kernels.stream import sample_chunks
+
+        regions, skipped = session.streamed_weights(), 0
+        while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
+            skipped += regions.pop().nbytes
+        enough = sum(r.nbytes for r in regions) >= SAME_RUN_STREAM_BYTES
+        _WEIGHT_SAMPLES[session] = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if enough else None
+    return _WEIGHT_SAMPLES[session]
+
 
 def _session_kv_sample(session):
-    """Chunks of the session's K/V cache (a typed List) its K/V pass reads: every layer's but the last
-    (read shortly before the end of the previous step, it may still be in the caches), or None when those
-    layers hold under KV_SAMPLE_MIN_BYTES. The previous step read the others long enough ago (a layer's
-    MLP weights, 30 MB and more, streamed after each), and the weights' pass follows this one."""
-    if session in _SESSION_KV_SAMPLES:
-        return _SESSION_KV_SAMPLES[session]
-    from perfsim.kernels.stream import sample_chunks
+    """The chunks of the session's K/V cache its K/V pass reads: every layer's but the last (read shortly
+    before the end of the previous step, it may still be in the caches), or None when those layers hold
+    under KV_SAMPLE_MIN_BYTES. The previous step read the others long enough ago (a layer's MLP weights,
+    30 MB and more, streamed after each), and the weights' pass follows this one."""
+    if session not in _KV_SAMPLES:
+        from perfsim.kernels.stream import sample_chunks
 
-    regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous
-    space = sum(r.nbytes for r in regions)
-    chunks = sample_chunks(regions, min(SAME_RUN_STREAM_BYTES, space), SAMPLE_CHUNK_BYTES) if space >= KV_SAMPLE_MIN_BYTES else None
-    _SESSION_KV_SAMPLES[session] = chunks
-    return chunks
+        regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous
+        space = sum(r.nbytes for r in regions)
+        _KV_SAMPLES[session] = sample_chunks(regions, min(SAME_RUN_STREAM_BYTES, space), SAMPLE_CHUNK_BYTES) if space >= KV_SAMPLE_MIN_BYTES else None
+    return _KV_SAMPLES[session]
 
 
 def read_kv_pass_gb_s(threads: int, session) -> float:
