@@ -39,7 +39,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 31  # bump whenever what is measured changes (v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 32  # bump whenever what is measured changes (v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -958,6 +958,7 @@ def measure_host(progress=None) -> dict:
                 "bandwidth_efficiency": 1.0,
                 "bandwidth_gb_s_by_threads": bandwidth_gb_s,
                 "cold_call_us_by_threads": cold_call_us,
+                "compute_probe_gflops_by_threads": {t: _sig(first_gflops["gemv.q4_0", t]) for t in thread_counts},
                 "overhead_us_per_op": kernel_roofs["residual_add"][1]["overhead_us"],
                 "kernel_roofs": kernel_roofs,
             }
@@ -971,6 +972,8 @@ def measure_host(progress=None) -> dict:
             "units.cpu.bandwidth_efficiency": "1: the bandwidths are measured",
             "units.cpu.bandwidth_gb_s_by_threads": f"{how}: streaming read of 256 MiB, best of 9",
             "units.cpu.cold_call_us_by_threads": f"{how}: perfsim.measure.cold_call_probe_us after each decode step's streaming pass, median",
+            "units.cpu.compute_probe_gflops_by_threads": f"{how}: the q4_0 GEMV's in-cache roof (perfsim.measure.compute_probe_gflops), "
+                                                         "the one its fit was made at",
             "units.cpu.overhead_us_per_op": f"{how}: one call of a tiny serial kernel",
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },

@@ -116,26 +116,38 @@ class Comparison:
         return out
 
 
-def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0, kv_stream_gb_s: float = 0.0) -> Device:
+PARALLEL_KERNELS = ("gemv.", "attention.")  # the kernels that run on every thread; the others run on the caller's
+
+
+def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0, kv_stream_gb_s: float = 0.0,
+                       compute_gflops: float = 0.0) -> Device:
     """The calibrated host as measured beside the decode, by microbenchmarks, not the decode: the DRAM
     and the CPU of a shared host drift. Its memory roof at `threads` becomes the streaming read of the
     same run (of a sample of its weights), and the K/V bytes stream at the run's read of its K/V cache when
     it has one (kv_stream_gb_s > 0); when both the run and the profile have a cold-call probe
     (perfsim.measure.cold_call_probe_us), every fixed cost per call at `threads` is scaled by the ratio of
-    the two probes."""
+    the two probes; when both have a compute probe (perfsim.measure.compute_probe_gflops), every parallel
+    kernel's compute roof at `threads` (the GEMVs', attention's) is scaled by the ratio of the two."""
     unit = device.unit()
     changes = {"bandwidth_gb_s_by_threads": {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s},
                "kv_bandwidth_gb_s_by_threads": {t: gb_s for t, gb_s in unit.kv_bandwidth_gb_s_by_threads.items() if t != threads}}
     if kv_stream_gb_s > 0:
         changes["kv_bandwidth_gb_s_by_threads"][threads] = kv_stream_gb_s
+    kernel_roofs = unit.kernel_roofs
     calibrated_probe_us = unit.cold_call_us_by_threads.get(threads, 0.0)
     if cold_call_us > 0 and calibrated_probe_us > 0:
         factor = cold_call_us / calibrated_probe_us
-        changes["kernel_roofs"] = {
-            kernel: {t: r.with_fixed_costs_scaled(factor) if t == threads else r for t, r in roofs.items()}
-            for kernel, roofs in unit.kernel_roofs.items()
-        }
+        kernel_roofs = {kernel: {t: r.with_fixed_costs_scaled(factor) if t == threads else r for t, r in roofs.items()}
+                        for kernel, roofs in kernel_roofs.items()}
         changes["overhead_us_per_op"] = unit.overhead_us_per_op * factor
+    calibrated_gflops = unit.compute_probe_gflops_by_threads.get(threads, 0.0)
+    if compute_gflops > 0 and calibrated_gflops > 0:
+        factor = compute_gflops / calibrated_gflops
+        kernel_roofs = {kernel: {t: r.with_compute_scaled(factor) if t == threads and kernel.startswith(PARALLEL_KERNELS) else r
+                                 for t, r in roofs.items()}
+                        for kernel, roofs in kernel_roofs.items()}
+    if kernel_roofs is not unit.kernel_roofs:
+        changes["kernel_roofs"] = kernel_roofs
     unit = dataclasses.replace(unit, **changes)
     return dataclasses.replace(device, units={**device.units, unit.name: unit})
 
@@ -147,7 +159,7 @@ def compare(device: Device, measurement: Measurement, same_run_host: bool = True
     predictions = []
     for context, stream_gb_s, cold_call_us, kv_stream_gb_s in zip(m.contexts, m.each_step_stream_gb_s, m.each_step_cold_call_us,
                                                                   m.each_step_kv_stream_gb_s):
-        step_device = (with_same_run_host(device, m.threads, stream_gb_s, cold_call_us, kv_stream_gb_s)
+        step_device = (with_same_run_host(device, m.threads, stream_gb_s, cold_call_us, kv_stream_gb_s, m.compute_gflops)
                        if same_run_host and stream_gb_s > 0 else device)
         predictions.append(predict(m.model, m.formats, step_device, context, prompt_tokens=1, threads=m.threads))
     return Comparison(device, m, tuple(predictions))

@@ -41,6 +41,8 @@ class ComputeUnit:
     kernel_roofs: dict = field(default_factory=dict)  # measured, per kernel and thread count: KernelRoof
     # calibrated hosts: perfsim.measure.cold_call_probe_us beside the calibration's decode steps, per thread count
     cold_call_us_by_threads: dict = field(default_factory=dict)
+    # calibrated hosts: perfsim.measure.compute_probe_gflops (the q4_0 GEMV's in-cache roof) as calibration kept it, per thread count
+    compute_probe_gflops_by_threads: dict = field(default_factory=dict)
     # The host as one measured run found it (perfsim.compare.with_same_run_host), never a profile's: the read
     # rate of the memory its K/V cache landed in, per thread count, for the K/V bytes (the others: the
     # bandwidth above). Not given: the K/V bytes stream at the bandwidth above too.
@@ -85,6 +87,11 @@ class KernelRoof:
         return dataclasses.replace(self, overhead_us=self.overhead_us * factor, overhead_us_per_kv_mb=self.overhead_us_per_kv_mb * factor,
                                    overhead_us_per_operand_mb=self.overhead_us_per_operand_mb * factor,
                                    overhead_us_per_layer_mb=self.overhead_us_per_layer_mb * factor)
+
+    def with_compute_scaled(self, factor: float) -> "KernelRoof":
+        """This roof with its compute roof times `factor` (perfsim.compare scales a parallel kernel's by a run's
+        compute probe over the calibration's); the fixed costs and overlap stay."""
+        return dataclasses.replace(self, gflops=self.gflops * factor)
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
     is_cpu = unit_type == "cpu"
     by_threads = _numbers_by_threads(f, "bandwidth_gb_s_by_threads")
     cold_call_us_by_threads = _numbers_by_threads(f, "cold_call_us_by_threads")
+    compute_probe_gflops_by_threads = _numbers_by_threads(f, "compute_probe_gflops_by_threads")
     kernel_roofs = {}
     kernels_fields = f.mapping("kernel_roofs", required=False)
     if kernels_fields is not None:
@@ -216,6 +224,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
         bandwidth_gb_s_by_threads=by_threads,
         kernel_roofs=kernel_roofs,
         cold_call_us_by_threads=cold_call_us_by_threads,
+        compute_probe_gflops_by_threads=compute_probe_gflops_by_threads,
     )
     f.done()
     return unit

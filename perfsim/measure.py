@@ -65,6 +65,7 @@ class Measurement:
     set_aside_step_seconds: tuple = ()  # wall time of each attempt re-run because time was stolen during it
     kv_stream_gb_s: float = 0.0  # median of the K/V passes run before each step (read_kv_pass_gb_s; 0: none)
     step_kv_stream_gb_s: tuple = ()  # each step's K/V pass, same order as step_seconds
+    compute_gflops: float = 0.0  # the compute probe before and after the steps, their mean (compute_probe_gflops; 0: none)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -223,12 +224,14 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     read_kv_pass_gb_s(threads, session)
     read_pass_gb_s(threads, session)  # compile or load the streaming kernel, fault its buffer in
     cold_call_probe_us()
+    compute_before = compute_probe_gflops(threads)
     token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
         steps.append(timed_step(session, token, threads))
         token = session.next_token
         for name, seconds in session.op_seconds.items():
             ops[name].append(seconds)
+    compute_gflops = (compute_before + compute_probe_gflops(threads)) / 2
     return Measurement(
         model=engine.model,
         formats=engine.formats,
@@ -244,6 +247,7 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         step_stream_gb_s=tuple(s.stream_gb_s for s in steps),
         kv_stream_gb_s=statistics.median(s.kv_stream_gb_s for s in steps),
         step_kv_stream_gb_s=tuple(s.kv_stream_gb_s for s in steps),
+        compute_gflops=compute_gflops,
         cold_call_us=statistics.median(s.cold_call_us for s in steps),
         step_cold_call_us=tuple(s.cold_call_us for s in steps),
         step_page_faults=tuple(s.page_faults for s in steps),
@@ -350,6 +354,28 @@ def read_pass_gb_s(threads: int, session=None) -> float:
     return _STREAM_BUFFER[0].nbytes / read_pass_s(_STREAM_BUFFER[0]) / 1e9
 
 
+_COMPUTE_PROBE = []
+
+
+def compute_probe_gflops(threads: int) -> float:
+    """The q4_0 GEMV's in-cache compute roof now, with `threads` threads, in GFLOP/s, measured as calibration
+    measures it (perfsim.calibrate._compute_roof_gflops: the slope between a 4 MiB and a 1 MiB matrix, the
+    median of three; ~0.25 s). This host's compute speed changes state for minutes at a time while its
+    memory reads on as before: over 20 points of Phi-3 Mini decode on two threads (6 steps each, this
+    probe before and after), the probe read 61-71 GFLOP/s at 17 points and 110 at 2, and the GEMVs
+    streamed 0.76-0.80 of the weights' pass rate at the first and 0.86-0.88 at the others (correlation
+    0.91; on one thread probe 31-58, GEMVs 0.79-0.94, correlation 0.78). A measured decode takes it before
+    and after its steps; perfsim.compare scales the parallel kernels' compute roofs by its ratio to the
+    calibration's (with_same_run_host)."""
+    from perfsim.calibrate import _compute_roof_gflops, _gemv_bench
+    from perfsim.kernels.jit import set_threads
+
+    if not _COMPUTE_PROBE:
+        _COMPUTE_PROBE.append(_gemv_bench("q4_0"))
+    set_threads(threads)
+    return _compute_roof_gflops(_COMPUTE_PROBE[0], None)
+
+
 _PROBE_OPERANDS = []
 PROBE_SIZE = 3072  # Phi-3 Mini's hidden size; calibration and measured decode run the same probe
 
@@ -393,6 +419,7 @@ def measurement_record(m: Measurement) -> dict:
         "stream_gb_s": m.stream_gb_s,
         "step_stream_gb_s": list(m.step_stream_gb_s),
         "kv_stream_gb_s": m.kv_stream_gb_s,
+        "compute_gflops": m.compute_gflops,
         "step_kv_stream_gb_s": list(m.step_kv_stream_gb_s),
         "cold_call_us": m.cold_call_us,
         "step_cold_call_us": list(m.step_cold_call_us),

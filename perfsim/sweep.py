@@ -71,6 +71,8 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "stolen_fraction": measurement.stolen_fraction,
                 "set_aside_step_seconds": list(measurement.set_aside_step_seconds),
                 "calibrated_cold_call_us": device.unit().cold_call_us_by_threads.get(t),
+                "compute_gflops": measurement.compute_gflops,
+                "calibrated_compute_gflops": device.unit().compute_probe_gflops_by_threads.get(t),
                 "seconds": time.perf_counter() - start,
             }
             if out:

@@ -469,6 +469,42 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     assert with_same_run_host(device, 1, 11.0).unit().kernel_roofs["rmsnorm"][1].overhead_us == 6.0
 
 
+def test_the_parallel_kernels_compute_roofs_scale_with_the_compute_probe_of_the_run():
+    """with_same_run_host: a run whose compute probe read 0.6x the calibration's (this host's slow state on
+    two threads: 62-71 GFLOP/s against 110) gets the GEMVs' and attention's compute roofs at its thread
+    count 0.6x; their fixed costs and overlaps, the serial kernels and the other thread counts stay."""
+    from perfsim.compare import with_same_run_host
+    from perfsim.device import device_from_data
+
+    data = fake_profile()
+    unit = data["units"]["cpu"]
+    threads = list(unit["kernel_roofs"]["gemv.q4_0"])
+    unit["kernel_roofs"]["attention.f16"] = {t: {"gflops": 30.0, "overlap": 0.4, "overhead_us": 60.0} for t in threads}
+    unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0} for t in threads}
+    unit["compute_probe_gflops_by_threads"] = {1: 110.0}
+    device = device_from_data(data, "fake.yaml")
+    assert device.unit().compute_probe_gflops_by_threads == {1: 110.0}
+    run = with_same_run_host(device, 1, stream_gb_s=11.0, compute_gflops=66.0).unit()
+    assert run.kernel_roofs["gemv.q4_0"][1].gflops == pytest.approx(30.0) and run.kernel_roofs["attention.f16"][1].gflops == pytest.approx(18.0)
+    assert run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5 and run.kernel_roofs["attention.f16"][1].overhead_us == 60.0
+    assert run.kernel_roofs["rmsnorm"][1].gflops == 5.0
+    for t in set(threads) - {1}:
+        assert run.kernel_roofs["gemv.q4_0"][t].gflops == 50.0
+    assert with_same_run_host(device, 1, stream_gb_s=11.0).unit().kernel_roofs["gemv.q4_0"][1].gflops == 50.0  # no probe in the run
+    del unit["compute_probe_gflops_by_threads"]  # none in the profile
+    plain = with_same_run_host(device_from_data(data, "fake.yaml"), 1, stream_gb_s=11.0, compute_gflops=66.0).unit()
+    assert plain.kernel_roofs["gemv.q4_0"][1].gflops == 50.0
+
+    # compare passes the run's probe: a compute-bound GEMV at 0.6x its roof takes 1/0.6 the compute time
+    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=2, threads=1)
+    assert measurement.compute_gflops > 0 and measurement_record(measurement)["compute_gflops"] == measurement.compute_gflops
+    slow = dataclasses.replace(measurement, compute_gflops=66.0)
+    fast = dataclasses.replace(measurement, compute_gflops=110.0)
+    slow_gemv = [t for t in compare(device, slow).predictions[0].ops if t.op.kind == "gemv"]
+    fast_gemv = [t for t in compare(device, fast).predictions[0].ops if t.op.kind == "gemv"]
+    assert [a.compute_s / b.compute_s for a, b in zip(slow_gemv, fast_gemv)] == pytest.approx([110 / 66] * len(slow_gemv))
+
+
 @pytest.mark.slow
 def test_real_calibration_writes_a_valid_profile_in_under_a_minute(tmp_path):
     path = tmp_path / "host.yaml"
