@@ -89,7 +89,7 @@ class KernelRoof:
                                    overhead_us_per_layer_mb=self.overhead_us_per_layer_mb * factor)
 
     def with_compute_scaled(self, factor: float) -> "KernelRoof":
-        """This roof with its compute roof times `factor` (perfsim.compare scales a parallel kernel's by a run's
+        """This roof with its compute roof times `factor` (perfsim.compare scales the q4_0 GEMV's by a run's
         compute probe over the calibration's); the fixed costs and overlap stay."""
         return dataclasses.replace(self, gflops=self.gflops * factor)
 

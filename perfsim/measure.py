@@ -365,7 +365,7 @@ def compute_probe_gflops(threads: int) -> float:
     probe before and after), the probe read 61-71 GFLOP/s at 17 points and 110 at 2, and the GEMVs
     streamed 0.76-0.80 of the weights' pass rate at the first and 0.86-0.88 at the others (correlation
     0.91; on one thread probe 31-58, GEMVs 0.79-0.94, correlation 0.78). A measured decode takes it before
-    and after its steps; perfsim.compare scales the parallel kernels' compute roofs by its ratio to the
+    and after its steps; perfsim.compare scales the q4_0 GEMV's compute roof by its ratio to the
     calibration's (with_same_run_host)."""
     from perfsim.calibrate import _compute_roof_gflops, _gemv_bench
     from perfsim.kernels.jit import set_threads
