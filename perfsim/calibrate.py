@@ -815,15 +815,16 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-# A parallel kernel's in-cache roof is measured a second time at the end of calibration, tens of seconds after
-# the first (20-50 s on this host: each thread count's part takes about half the minute), and the faster of
-# the two kept when it is SECOND_LOOK_GAIN x the first or more; the kernel's fit is then made again
-# from it. In the twelfth session's Skylake-SP rounds, two calibrations of five measured roofs while
-# something slowed the host for seconds at a time: q4_0 GEMV 32 GFLOP/s on one thread (55-56 in the
-# others) and 62 on two (104-113), f16 GEMV 18 on two (36-38), f16 attention 7.4 on one (11.6-12.4),
-# grouped-query attention 26 on two (28-36); 15 of that session's 32 misses followed from them. Quiet, two
-# looks at one roof agree within a few percent (the median of three slopes each), so the gain leaves
-# them alone.
+# A parallel kernel's in-cache roof is measured a second time at the end of calibration, 10-45 s after the
+# first (each thread count's part takes about half of the ~55 s), and the faster of the two kept when it is
+# SECOND_LOOK_GAIN x the first or more; the kernel's fit is then made again from it. In the twelfth
+# session's Skylake-SP rounds, two calibrations of five measured roofs while something slowed the host
+# for seconds at a time: q4_0 GEMV 32 GFLOP/s on one thread (55-56 in the others) and 62 on two
+# (104-113), f16 GEMV 18 on two (36-38), f16 attention 7.4 on one (11.6-12.4), grouped-query attention
+# 26 on two (28-36); 15 of that session's 32 misses followed from them. Measured since: the seven
+# calibrations of the thirteenth session replaced 0-5 roofs each (mostly attention's, e.g. grouped-query
+# f16 on two threads 31.9 -> 51.4), never the q4_0 GEMV's; in one run of it, during which the host slowed,
+# the second looks came out 0.53-1.09x the first, and the first were kept.
 SECOND_LOOK_GAIN = 1.1
 
 
