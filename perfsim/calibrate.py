@@ -821,7 +821,7 @@ def _sig(x: float) -> float:
 # session's Skylake-SP rounds, two calibrations of five measured roofs while something slowed the host
 # for seconds at a time: q4_0 GEMV 32 GFLOP/s on one thread (55-56 in the others) and 62 on two
 # (104-113), f16 GEMV 18 on two (36-38), f16 attention 7.4 on one (11.6-12.4), grouped-query attention
-# 26 on two (28-36); 15 of that session's 32 misses followed from them. Measured since: the seven
+# 26 on two (28-36); 15 of that session's 32 misses followed from them. Measured since: the eight
 # calibrations of the thirteenth session replaced 0-5 roofs each (mostly attention's, e.g. grouped-query
 # f16 on two threads 31.9 -> 51.4), never the q4_0 GEMV's; in one run of it, during which the host slowed,
 # the second looks came out 0.53-1.09x the first, and the first were kept.
