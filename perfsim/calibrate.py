@@ -752,11 +752,9 @@ def _serial_roofs(gflops: dict, decode_points: dict, cold_call_us: dict) -> dict
             for kernel in kernels}
 
 
-def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, decode_points: list | None = None,
-                 gflops: float | None = None) -> dict:
+def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, decode_points: list | None, gflops: float) -> dict:
     """A parallel kernel's roof at `threads` (the serial kernels': _serial_roofs), at its in-cache compute
-    roof `gflops` when given (measured here otherwise)."""
-    gflops = gflops or _compute_roof_gflops(bench, None)
+    roof `gflops` (_compute_roof_gflops)."""
     if decode_points:
         return _roof_from_decode(gflops, decode_points, True)
     if bench.kernel.startswith("attention"):
@@ -873,6 +871,14 @@ def measure_host(progress=None) -> dict:
     # the decode points a parallel kernel's fixed cost and overlap are fitted on (None: its own DRAM sweeps)
     fitted_points = lambda bench, threads, calls: [p for p in calls.get(bench.kernel, ()) if p.model != wide_model] or None  # noqa: E731
     first_gflops = {}  # (kernel, threads): the in-cache roof its fit was made at
+
+    def measure_gflops(bench, threads):
+        set_threads(threads)
+        return _compute_roof_gflops(bench, None)
+
+    def refit(bench, threads, gflops):  # after this thread count's decode points are in serial_decode_calls
+        return _kernel_roof(bench, stream_read, producer, threads, fitted_points(bench, threads, serial_decode_calls[threads]), gflops)
+
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
         bandwidth_gb_s[threads] = _sig(best_read_gb_s(threads, data, repeats=9))
@@ -887,42 +893,31 @@ def measure_host(progress=None) -> dict:
                                              (decode_shaped_gqa, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND),
                                              (decode_shaped_wide, DECODE_SHAPED_WIDE_SESSIONS, 1)], threads, probes)
         cold_call_us[threads] = _sig(statistics.median(probes))
+        serial_decode_calls[threads] = decode_calls
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
-            set_threads(threads)
-            first_gflops[bench.kernel, threads] = _compute_roof_gflops(bench, None)
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads, fitted_points(bench, threads, decode_calls),
-                                                               first_gflops[bench.kernel, threads])
+            first_gflops[bench.kernel, threads] = measure_gflops(bench, threads)
+            kernel_roofs[bench.kernel][threads] = refit(bench, threads, first_gflops[bench.kernel, threads])
             if bench.kernel == "attention.f16":  # multi-head, fitted at head_dim 128
                 kernel_roofs[bench.kernel][threads]["time_factor_by_head_dim"] = _attention_head_dim_factors(threads)
             done += 1
         report(done, total, f"serial kernels, {threads} threads")
         serial_times = _serial_call_times(serial, producer, threads)
         serial_gflops[threads] = {bench.kernel: _compute_roof_gflops(bench, serial_times) for bench in serial}
-        serial_decode_calls[threads] = decode_calls
         done += len(serial)
     for bench in (b for b in parallel if b.kernel.startswith("gemv.")):  # a roof out of line with its other thread count is measured again
         for _ in range(GEMV_ROOF_RETRIES):
             threads = _disagreeing_thread_count({t: kernel_roofs[bench.kernel][t]["gflops"] for t in thread_counts})
             if threads is None:
                 break
-            set_threads(threads)
-            gflops = _compute_roof_gflops(bench, None)
+            gflops = measure_gflops(bench, threads)
             if gflops <= first_gflops[bench.kernel, threads]:
                 break  # as slow again: that is what this thread count does
-            kernel_roofs[bench.kernel][threads] = _kernel_roof(bench, stream_read, producer, threads,
-                                                               fitted_points(bench, threads, serial_decode_calls[threads]), gflops)
+            kernel_roofs[bench.kernel][threads] = refit(bench, threads, gflops)
             first_gflops[bench.kernel, threads] = gflops
-
-    def measure_again(bench, threads):
-        set_threads(threads)
-        return _compute_roof_gflops(bench, None)
-
     report(total - 1, total, "in-cache roofs, a second look")
-    second_looks = _second_look(kernel_roofs, first_gflops, parallel, thread_counts, measure_again,
-                                lambda bench, threads, gflops: _kernel_roof(bench, stream_read, producer, threads,
-                                                                            fitted_points(bench, threads, serial_decode_calls[threads]), gflops))
+    second_looks = _second_look(kernel_roofs, first_gflops, parallel, thread_counts, measure_gflops, refit)
     for kernel, roofs in _serial_roofs(serial_gflops, serial_decode_calls, cold_call_us).items():
         kernel_roofs[kernel].update(roofs)
     del data

@@ -277,18 +277,26 @@ KV_SAMPLE_MIN_BYTES = 16 * 2**20
 _WEIGHT_SAMPLES, _KV_SAMPLES = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
 
 
+def _once_per_session(samples: weakref.WeakKeyDictionary, session, regions: list, n_bytes: int, min_bytes: int):
+    """sample_chunks of `regions` (n_bytes of them, capped at what they hold), made on the session's first
+    pass and kept in `samples`; None when the regions hold under min_bytes."""
+    if session not in samples:
+        from perfsim.kernels.stream import sample_chunks
+
+        space = sum(r.nbytes for r in regions)
+        samples[session] = sample_chunks(regions, min(n_bytes, space), SAMPLE_CHUNK_BYTES) if space >= min_bytes else None
+    return samples[session]
+
+
 def _session_sample(session):
     """The chunks of the session's weights its pass reads, or None for a model too small to sample from
     DRAM (the pass then reads its own buffer)."""
-    if session not in _WEIGHT_SAMPLES:
-        from perfsim.kernels.stream import sample_chunks
-
-        regions, skipped = session.streamed_weights(), 0
-        while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
-            skipped += regions.pop().nbytes
-        enough = sum(r.nbytes for r in regions) >= SAME_RUN_STREAM_BYTES
-        _WEIGHT_SAMPLES[session] = sample_chunks(regions, SAME_RUN_STREAM_BYTES, SAMPLE_CHUNK_BYTES) if enough else None
-    return _WEIGHT_SAMPLES[session]
+    if session in _WEIGHT_SAMPLES:
+        return _WEIGHT_SAMPLES[session]
+    regions, skipped = session.streamed_weights(), 0
+    while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
+        skipped += regions.pop().nbytes
+    return _once_per_session(_WEIGHT_SAMPLES, session, regions, SAME_RUN_STREAM_BYTES, SAME_RUN_STREAM_BYTES)
 
 
 def _session_kv_sample(session):
@@ -296,13 +304,8 @@ def _session_kv_sample(session):
     before the end of the previous step, it may still be in the caches), or None when those layers hold
     under KV_SAMPLE_MIN_BYTES. The previous step read the others long enough ago (a layer's MLP weights,
     30 MB and more, streamed after each), and the weights' pass follows this one."""
-    if session not in _KV_SAMPLES:
-        from perfsim.kernels.stream import sample_chunks
-
-        regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous
-        space = sum(r.nbytes for r in regions)
-        _KV_SAMPLES[session] = sample_chunks(regions, min(SAME_RUN_STREAM_BYTES, space), SAMPLE_CHUNK_BYTES) if space >= KV_SAMPLE_MIN_BYTES else None
-    return _KV_SAMPLES[session]
+    regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous (views: no copy)
+    return _once_per_session(_KV_SAMPLES, session, regions, SAME_RUN_STREAM_BYTES, KV_SAMPLE_MIN_BYTES)
 
 
 def read_kv_pass_gb_s(threads: int, session) -> float:
