@@ -39,7 +39,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 32  # bump whenever what is measured changes (v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 33  # bump whenever what is measured changes (v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -526,6 +526,12 @@ class DecodeShapedPoint:
     op: str = ""  # the engine's op name (attn_norm, ffn_norm, ...): a kernel's ops each have their own points
     layer_weight_bytes: int = 0  # weight bytes a layer of its model streams (Op.layer_weight_bytes)
     kv_stream_gb_s: float = 0.0  # median of the K/V passes run before the steps (0: none; its K/V then at stream_gb_s)
+    compute_gflops: float = 0.0  # median of the compute probes run before the steps (0: none)
+
+    def speed(self, reference_gflops: float) -> float:
+        """How fast this point's steps found the host's compute against the speed state a compute roof is stated
+        at (`reference_gflops` of perfsim.measure.compute_probe_gflops): their median probe over it; 1.0 without either."""
+        return self.compute_gflops / reference_gflops if self.compute_gflops > 0 and reference_gflops > 0 else 1.0
 
     def roofs_s(self, gflops: float) -> tuple:
         """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes,
@@ -535,7 +541,7 @@ class DecodeShapedPoint:
         return self.cost.flops / (gflops * 1e9), memory_s
 
 
-def _decode_shaped_calls(models: list, threads: int, probes: list | None = None) -> dict:
+def _decode_shaped_calls(models: list, threads: int, probes: list | None = None, compute_probes: list | None = None) -> dict:
     """{kernel: [DecodeShapedPoint, ...]} of the ops in DECODE_SHAPED_OPS, timed by the engine in decode.
 
     `models`: (weights_by_embedding, sessions, steps_per_round) per model: a session of the weights' model
@@ -549,12 +555,13 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
     and before the head each their own). The first layer's ops are left out: they
     follow the streaming pass run before each step, which in a 32-layer model 1 layer in 32 does. Each
     step follows a streaming pass and a cold-call probe, as in measured decode; each point keeps the
-    median probe of its steps, and all the probes' times are appended to `probes`."""
+    median probe of its steps, and all the probes' times are appended to `probes`; likewise the compute
+    probe each step follows (perfsim.measure.compute_probe_gflops), appended to `compute_probes`."""
     from perfsim.engine import LAYER_OP_NAMES, Engine
     from perfsim.measure import timed_step
     from perfsim.workload import decode_ops
 
-    samples, costs, kv_bytes, layer_bytes, passes, kv_passes, cold_calls = {}, {}, {}, {}, {}, {}, {}
+    samples, costs, kv_bytes, layer_bytes, passes, kv_passes, cold_calls, computes = {}, {}, {}, {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     turns = []  # (steps_per_round, context, session, {(model index, kernel, op name or ""): op sequence indices})
     for model_index, (weights_by_embedding, sessions, steps_per_round) in enumerate(models):
@@ -586,18 +593,21 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None)
                 gb_s, probe_us = step.stream_gb_s, step.cold_call_us
                 if probes is not None:
                     probes.append(probe_us)
+                if compute_probes is not None:
+                    compute_probes.append(step.compute_gflops)
                 marks = session.marks
                 for key, indices in timed.items():
                     samples.setdefault((key, context), []).append(statistics.fmean(marks[i + 1] - marks[i] for i in indices))
                     passes.setdefault((key, context), []).append(gb_s)
                     kv_passes.setdefault((key, context), []).append(step.kv_stream_gb_s)
                     cold_calls.setdefault((key, context), []).append(probe_us)
+                    computes.setdefault((key, context), []).append(step.compute_gflops)
     points = {}
     for key, context in samples:
         points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
             statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2], layer_bytes[key, context],
-            statistics.median(kv_passes[key, context])))
+            statistics.median(kv_passes[key, context]), statistics.median(computes[key, context])))
     return points
 
 
@@ -650,7 +660,7 @@ def _nonnegative_line(rows: list, ys: list) -> tuple:
 MIN_OP_FACTOR = 0.05
 
 
-def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0) -> dict:
+def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0, reference_gflops: float = 0.0) -> dict:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
     Serial kernels: the call beyond its roof, fitted as a line in the K/V bytes a layer's attention
@@ -664,7 +674,8 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     residual adds) has a factor per op on the line (`overhead_factor_by_op`), from that op's points.
     GEMVs and attention: time - max(compute, memory) = overhead + overlap * min(compute, memory), the
     least-squares line through the points (each op at each context), memory at their own streaming
-    passes. Fitted on sweeps in a loop of their own, attention under-predicted decode's by 11-19% on one
+    passes, compute at the roof `gflops` (stated at the compute probe `reference_gflops`) times each
+    point's own speed (DecodeShapedPoint.speed). Fitted on sweeps in a loop of their own, attention under-predicted decode's by 11-19% on one
     thread, in this 4-layer model as in Phi-3 Mini, and the q4_0 GEMVs' overlap came out 0.03-0.35
     from one calibration to the next."""
     if not parallel:
@@ -716,8 +727,10 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     # its memory traffic hides. Its in-cache roof ran ahead of decode (1 thread: 48-51 GFLOP/s, against
     # 33-37 in phi-3-small's decode); the fit then read the gap as overlap (0.97-1.0) and charged it to
     # the memory time, which phi-3-small's groups of 4 have more of per FLOP: +16% to +27%.
-    flops = [p.cost.flops for p in points]
-    if max(flops) > 1.1 * min(flops) and all(compute_s > memory_s for compute_s, memory_s in (p.roofs_s(gflops) for p in points)):
+    # FLOPs in the reference state's seconds: a point whose steps found the host at half speed took twice as long
+    speeds = [p.speed(reference_gflops) for p in points]
+    flops = [p.cost.flops / speed for p, speed in zip(points, speeds)]
+    if max(flops) > 1.1 * min(flops) and all(compute_s > memory_s for compute_s, memory_s in (p.roofs_s(gflops * s) for p, s in zip(points, speeds))):
         per_flop_s, overhead_s = np.polyfit(flops, [p.seconds for p in points], 1)
         if per_flop_s > 0:
             return {"gflops": _sig(1e-9 / per_flop_s), "overlap": 0.0, "overhead_us": _sig(max(float(overhead_s), 0.0) * 1e6)}
@@ -725,10 +738,10 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     # there is a floor under its compute roof. The in-cache slope fell below it now and then on 2 threads
     # (grouped-query attention: 39.7 GFLOP/s in one calibration, 48-56 in two others; the fit then clamped
     # overlap and fixed cost to 0, and phi-3-small's attention came out +55% to +75%).
-    gflops = max(gflops, max(p.cost.flops / p.seconds for p in points) / 1e9)
+    gflops = max(gflops, max(f / p.seconds for f, p in zip(flops, points)) / 1e9)
     hidden, excess = [], []
-    for p in points:
-        compute_s, memory_s = p.roofs_s(gflops)
+    for p, speed in zip(points, speeds):
+        compute_s, memory_s = p.roofs_s(gflops * speed)
         hidden.append(min(compute_s, memory_s))
         excess.append(p.seconds - max(compute_s, memory_s))
     slope, intercept = np.polyfit(hidden, excess, 1)
@@ -752,11 +765,12 @@ def _serial_roofs(gflops: dict, decode_points: dict, cold_call_us: dict) -> dict
             for kernel in kernels}
 
 
-def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, decode_points: list | None, gflops: float) -> dict:
+def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, decode_points: list | None, gflops: float,
+                 reference_gflops: float = 0.0) -> dict:
     """A parallel kernel's roof at `threads` (the serial kernels': _serial_roofs), at its in-cache compute
-    roof `gflops` (_compute_roof_gflops)."""
+    roof `gflops` (_compute_roof_gflops, stated at the compute probe `reference_gflops`: _state_normalized)."""
     if decode_points:
-        return _roof_from_decode(gflops, decode_points, True)
+        return _roof_from_decode(gflops, decode_points, True, reference_gflops=reference_gflops)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -826,6 +840,21 @@ def _sig(x: float) -> float:
 SECOND_LOOK_GAIN = 1.1
 
 
+def _state_normalized(measure, threads: int, reference_gflops: float) -> float:
+    """`measure()`, a kernel's in-cache roof in GFLOP/s with `threads` threads, stated at the speed state of the
+    compute probe `reference_gflops`: times that over the mean of two probes (perfsim.measure.compute_probe_gflops),
+    one right before it and one right after. This host's compute flips between speed states for a second or
+    more at a time (the probe's docstring); a roof measured in one and a decode point in another would put
+    the difference into the kernel's fixed cost and overlap, and a run's prediction, scaled by its own
+    probes, would then count the state twice or miss it."""
+    from perfsim.measure import compute_probe_gflops
+
+    before = compute_probe_gflops(threads)
+    gflops = measure()
+    state = (before + compute_probe_gflops(threads)) / 2
+    return gflops * reference_gflops / state if reference_gflops > 0 and state > 0 else gflops
+
+
 def _second_look(kernel_roofs: dict, first_gflops: dict, parallel: list, thread_counts: list, measure, refit) -> list:
     """Measures each parallel kernel's in-cache roof again (`measure(bench, threads)` -> GFLOP/s) and, where
     that is SECOND_LOOK_GAIN x its first (`first_gflops[kernel, threads]`) or more, replaces its roof by
@@ -871,13 +900,16 @@ def measure_host(progress=None) -> dict:
     # the decode points a parallel kernel's fixed cost and overlap are fitted on (None: its own DRAM sweeps)
     fitted_points = lambda bench, threads, calls: [p for p in calls.get(bench.kernel, ()) if p.model != wide_model] or None  # noqa: E731
     first_gflops = {}  # (kernel, threads): the in-cache roof its fit was made at
+    # per thread count, the median compute probe of the decode steps: every parallel kernel's compute roof is stated at it
+    reference_gflops = {}
 
     def measure_gflops(bench, threads):
         set_threads(threads)
-        return _compute_roof_gflops(bench, None)
+        return _state_normalized(lambda: _compute_roof_gflops(bench, None), threads, reference_gflops[threads])
 
     def refit(bench, threads, gflops):  # after this thread count's decode points are in serial_decode_calls
-        return _kernel_roof(bench, stream_read, producer, threads, fitted_points(bench, threads, serial_decode_calls[threads]), gflops)
+        return _kernel_roof(bench, stream_read, producer, threads, fitted_points(bench, threads, serial_decode_calls[threads]), gflops,
+                            reference_gflops[threads])
 
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")
@@ -887,12 +919,13 @@ def measure_host(progress=None) -> dict:
         # thread) sets what they find in the caches: they are measured at each thread count too.
         report(done, total, f"ops in decode of 3 small models, {threads} threads")
         set_threads(threads)
-        probes = []
+        probes, compute_probes = [], []
         # the q4_0 GEMVs get points from the first two models, the serial ops from all three
         decode_calls = _decode_shaped_calls([(decode_shaped, DECODE_SHAPED_SESSIONS, 1),
                                              (decode_shaped_gqa, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND),
-                                             (decode_shaped_wide, DECODE_SHAPED_WIDE_SESSIONS, 1)], threads, probes)
+                                             (decode_shaped_wide, DECODE_SHAPED_WIDE_SESSIONS, 1)], threads, probes, compute_probes)
         cold_call_us[threads] = _sig(statistics.median(probes))
+        reference_gflops[threads] = _sig(statistics.median(compute_probes))
         serial_decode_calls[threads] = decode_calls
         done += 1
         for bench in parallel:
@@ -954,7 +987,7 @@ def measure_host(progress=None) -> dict:
                 "bandwidth_efficiency": 1.0,
                 "bandwidth_gb_s_by_threads": bandwidth_gb_s,
                 "cold_call_us_by_threads": cold_call_us,
-                "compute_probe_gflops_by_threads": {t: _sig(first_gflops["gemv.q4_0", t]) for t in thread_counts},
+                "compute_probe_gflops_by_threads": reference_gflops,
                 "overhead_us_per_op": kernel_roofs["residual_add"][1]["overhead_us"],
                 "kernel_roofs": kernel_roofs,
             }
@@ -968,8 +1001,8 @@ def measure_host(progress=None) -> dict:
             "units.cpu.bandwidth_efficiency": "1: the bandwidths are measured",
             "units.cpu.bandwidth_gb_s_by_threads": f"{how}: streaming read of 256 MiB, best of 9",
             "units.cpu.cold_call_us_by_threads": f"{how}: perfsim.measure.cold_call_probe_us after each decode step's streaming pass, median",
-            "units.cpu.compute_probe_gflops_by_threads": f"{how}: the q4_0 GEMV's in-cache roof (perfsim.measure.compute_probe_gflops), "
-                                                         "the one its fit was made at",
+            "units.cpu.compute_probe_gflops_by_threads": f"{how}: perfsim.measure.compute_probe_gflops before each decode step, median; "
+                                                         "every GEMV's and attention's compute roof is stated at it",
             "units.cpu.overhead_us_per_op": f"{how}: one call of a tiny serial kernel",
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },

@@ -116,11 +116,12 @@ class Comparison:
         return out
 
 
-# The kernel perfsim.measure.compute_probe_gflops measures: its roof in calibration is the probe's calibrated
-# value, taken at the same moment. Scaling attention's roofs by it as well (one round, calibration v32) had
-# Phi-3 Small's attention -10% to -26% on one thread: attention's roofs were measured at other moments of
-# the calibration, in whatever state the host was then.
-PROBED_KERNEL = "gemv.q4_0"
+# The kernels whose compute roof follows the compute probe: the parallel ones, whose in-cache roofs
+# calibration states at the profile's probe (perfsim.calibrate._state_normalized). Scaling attention by
+# the q4_0 GEMV's probe alone (calibration v32, one probe before and after a point, attention's roofs
+# taken at other moments in whatever state the host was then) had Phi-3 Small's attention -10% to -26%
+# on one thread; without it, a slow state took Small's and Medium's attention to -14% to -31%.
+PROBED_KERNEL_PREFIXES = ("gemv.", "attention.")
 
 
 def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0, kv_stream_gb_s: float = 0.0,
@@ -130,8 +131,8 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
     same run (of a sample of its weights), and the K/V bytes stream at the run's read of its K/V cache when
     it has one (kv_stream_gb_s > 0); when both the run and the profile have a cold-call probe
     (perfsim.measure.cold_call_probe_us), every fixed cost per call at `threads` is scaled by the ratio of
-    the two probes; when both have a compute probe (perfsim.measure.compute_probe_gflops), the q4_0 GEMV's
-    compute roof at `threads` is scaled by the ratio of the two."""
+    the two probes; when both have a compute probe (perfsim.measure.compute_probe_gflops), the compute
+    roof of every GEMV and attention kernel at `threads` is scaled by the ratio of the two."""
     unit = device.unit()
     changes = {"bandwidth_gb_s_by_threads": {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s},
                "kv_bandwidth_gb_s_by_threads": {t: gb_s for t, gb_s in unit.kv_bandwidth_gb_s_by_threads.items() if t != threads}}
@@ -147,7 +148,8 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
     calibrated_gflops = unit.compute_probe_gflops_by_threads.get(threads, 0.0)
     if compute_gflops > 0 and calibrated_gflops > 0:
         factor = compute_gflops / calibrated_gflops
-        kernel_roofs = {kernel: {t: r.with_compute_scaled(factor) if t == threads and kernel == PROBED_KERNEL else r for t, r in roofs.items()}
+        kernel_roofs = {kernel: {t: r.with_compute_scaled(factor) if t == threads and kernel.startswith(PROBED_KERNEL_PREFIXES) else r
+                                 for t, r in roofs.items()}
                         for kernel, roofs in kernel_roofs.items()}
     if kernel_roofs is not unit.kernel_roofs:
         changes["kernel_roofs"] = kernel_roofs
@@ -157,12 +159,12 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
 
 def compare(device: Device, measurement: Measurement, same_run_host: bool = True) -> Comparison:
     """Each measured step predicted at its context; with same_run_host, for the host as that step's own
-    streaming passes and cold-call probe found it (a run without them per step: their medians)."""
+    passes and probes found it (a run without them per step: their medians)."""
     m = measurement
     predictions = []
-    for context, stream_gb_s, cold_call_us, kv_stream_gb_s in zip(m.contexts, m.each_step_stream_gb_s, m.each_step_cold_call_us,
-                                                                  m.each_step_kv_stream_gb_s):
-        step_device = (with_same_run_host(device, m.threads, stream_gb_s, cold_call_us, kv_stream_gb_s, m.compute_gflops)
+    for context, stream_gb_s, cold_call_us, kv_stream_gb_s, compute_gflops in zip(
+            m.contexts, m.each_step_stream_gb_s, m.each_step_cold_call_us, m.each_step_kv_stream_gb_s, m.each_step_compute_gflops):
+        step_device = (with_same_run_host(device, m.threads, stream_gb_s, cold_call_us, kv_stream_gb_s, compute_gflops)
                        if same_run_host and stream_gb_s > 0 else device)
         predictions.append(predict(m.model, m.formats, step_device, context, prompt_tokens=1, threads=m.threads))
     return Comparison(device, m, tuple(predictions))

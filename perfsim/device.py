@@ -41,7 +41,8 @@ class ComputeUnit:
     kernel_roofs: dict = field(default_factory=dict)  # measured, per kernel and thread count: KernelRoof
     # calibrated hosts: perfsim.measure.cold_call_probe_us beside the calibration's decode steps, per thread count
     cold_call_us_by_threads: dict = field(default_factory=dict)
-    # calibrated hosts: perfsim.measure.compute_probe_gflops (the q4_0 GEMV's in-cache roof) as calibration kept it, per thread count
+    # calibrated hosts: perfsim.measure.compute_probe_gflops (the q4_0 GEMV's in-cache roof), the median of the calibration's
+    # decode steps' probes per thread count: the speed state every parallel kernel's compute roof is stated at
     compute_probe_gflops_by_threads: dict = field(default_factory=dict)
     # The host as one measured run found it (perfsim.compare.with_same_run_host), never a profile's: the read
     # rate of the memory its K/V cache landed in, per thread count, for the K/V bytes (the others: the
@@ -89,8 +90,8 @@ class KernelRoof:
                                    overhead_us_per_layer_mb=self.overhead_us_per_layer_mb * factor)
 
     def with_compute_scaled(self, factor: float) -> "KernelRoof":
-        """This roof with its compute roof times `factor` (perfsim.compare scales the q4_0 GEMV's by a run's
-        compute probe over the calibration's); the fixed costs and overlap stay."""
+        """This roof with its compute roof times `factor` (perfsim.compare scales the GEMVs' and attention's
+        by a run's compute probe over the calibration's); the fixed costs and overlap stay."""
         return dataclasses.replace(self, gflops=self.gflops * factor)
 
 

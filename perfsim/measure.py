@@ -65,7 +65,8 @@ class Measurement:
     set_aside_step_seconds: tuple = ()  # wall time of each attempt re-run because time was stolen during it
     kv_stream_gb_s: float = 0.0  # median of the K/V passes run before each step (read_kv_pass_gb_s; 0: none)
     step_kv_stream_gb_s: tuple = ()  # each step's K/V pass, same order as step_seconds
-    compute_gflops: float = 0.0  # the compute probe before and after the steps, their mean (compute_probe_gflops; 0: none)
+    compute_gflops: float = 0.0  # median of the compute probes run before each step (compute_probe_gflops; 0: none)
+    step_compute_gflops: tuple = ()  # each step's compute probe, same order as step_seconds
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -93,6 +94,11 @@ class Measurement:
     def each_step_kv_stream_gb_s(self) -> tuple:
         """The K/V pass before each step (0.0: none, the K/V then stream at the streaming pass's rate)."""
         return self.step_kv_stream_gb_s or (self.kv_stream_gb_s,) * len(self.step_seconds)
+
+    @property
+    def each_step_compute_gflops(self) -> tuple:
+        """The compute probe before each step (0.0: none); a run that kept only their median: it, for every step."""
+        return self.step_compute_gflops or (self.compute_gflops,) * len(self.step_seconds)
 
     @property
     def each_step_cold_call_us(self) -> tuple:
@@ -181,15 +187,18 @@ class TimedStep:
     steal_s: float  # stolen during it: 0.0 unless every attempt was disturbed
     set_aside_s: tuple  # wall time of each earlier attempt, which had time stolen
     kv_stream_gb_s: float = 0.0  # the K/V pass run before the streaming pass (read_kv_pass_gb_s; 0: none)
+    compute_gflops: float = 0.0  # the compute probe run before the passes (compute_probe_gflops; 0: none)
 
 
 def timed_step(session, token: int, threads: int) -> TimedStep:
-    """A streaming pass, a cold-call probe, then session.step(token), timed; run again from the same
+    """A compute probe, a K/V pass, a streaming pass, a cold-call probe, then session.step(token), timed (the
+    passes leave the probe's matrices out of the caches); run again from the same
     position (the same K/V slot rewritten with the same values) while the hypervisor stole time during
     it, at most STEAL_RETRIES times."""
     position, set_aside = session.position, []
     for attempt in range(1 + STEAL_RETRIES):
         session.position = position
+        compute_gflops = compute_probe_gflops(threads)
         kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
         stream_gb_s = read_pass_gb_s(threads, session)
         cold_call_us = cold_call_probe_us()
@@ -199,16 +208,17 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
         seconds = time.perf_counter() - start
         page_faults, steal_s = _page_faults() - faults_before, stolen_cpu_s() - steal_before
         if steal_s <= 0 or attempt == STEAL_RETRIES:
-            return TimedStep(seconds, stream_gb_s, cold_call_us, page_faults, steal_s, tuple(set_aside), kv_stream_gb_s)
+            return TimedStep(seconds, stream_gb_s, cold_call_us, page_faults, steal_s, tuple(set_aside), kv_stream_gb_s, compute_gflops)
         set_aside.append(seconds)
 
 
 def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: float = 0.0, seed: int = 0) -> Measurement:
     """Decode n_tokens ending at `context` with `threads` Numba threads; one warm-up step first.
 
-    Each step follows one streaming pass (read_pass_gb_s) and one cold-call probe (cold_call_probe_us),
-    both untimed in the step: perfsim.compare predicts each step with the memory roof of its own pass
-    and its fixed costs scaled by its own probe (with_same_run_host). Other VMs share this host's DRAM,
+    Each step follows a compute probe (compute_probe_gflops), a pass over its K/V cache and one over its
+    weights (read_kv_pass_gb_s, read_pass_gb_s) and a cold-call probe (cold_call_probe_us), all untimed
+    in the step: perfsim.compare predicts each step with the memory roofs of its own passes, its compute
+    roofs scaled by its own compute probe and its fixed costs by its own cold-call probe (with_same_run_host). Other VMs share this host's DRAM,
     and its bandwidth drifts by 10-30% over a minute; a roof taken before and after 16 steps missed
     that drift. A step the hypervisor stole time from is run again (timed_step)."""
     from perfsim.kernels.jit import set_threads
@@ -224,14 +234,13 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     read_kv_pass_gb_s(threads, session)
     read_pass_gb_s(threads, session)  # compile or load the streaming kernel, fault its buffer in
     cold_call_probe_us()
-    compute_before = compute_probe_gflops(threads)
+    compute_probe_gflops(threads)
     token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
         steps.append(timed_step(session, token, threads))
         token = session.next_token
         for name, seconds in session.op_seconds.items():
             ops[name].append(seconds)
-    compute_gflops = (compute_before + compute_probe_gflops(threads)) / 2
     return Measurement(
         model=engine.model,
         formats=engine.formats,
@@ -247,7 +256,8 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
         step_stream_gb_s=tuple(s.stream_gb_s for s in steps),
         kv_stream_gb_s=statistics.median(s.kv_stream_gb_s for s in steps),
         step_kv_stream_gb_s=tuple(s.kv_stream_gb_s for s in steps),
-        compute_gflops=compute_gflops,
+        compute_gflops=statistics.median(s.compute_gflops for s in steps),
+        step_compute_gflops=tuple(s.compute_gflops for s in steps),
         cold_call_us=statistics.median(s.cold_call_us for s in steps),
         step_cold_call_us=tuple(s.cold_call_us for s in steps),
         step_page_faults=tuple(s.page_faults for s in steps),
@@ -358,25 +368,44 @@ def read_pass_gb_s(threads: int, session=None) -> float:
 
 
 _COMPUTE_PROBE = []
+COMPUTE_PROBE_CALLS = 5  # calls of each size a compute probe times, in turn: ~2 ms on one thread, ~1 ms on two
 
 
 def compute_probe_gflops(threads: int) -> float:
-    """The q4_0 GEMV's in-cache compute roof now, with `threads` threads, in GFLOP/s, measured as calibration
-    measures it (perfsim.calibrate._compute_roof_gflops: the slope between a 4 MiB and a 1 MiB matrix, the
-    median of three; ~0.25 s). This host's compute speed changes state for minutes at a time while its
-    memory reads on as before: over 20 points of Phi-3 Mini decode on two threads (6 steps each, this
-    probe before and after), the probe read 61-71 GFLOP/s at 17 points and 110 at 2, and the GEMVs
-    streamed 0.76-0.80 of the weights' pass rate at the first and 0.86-0.88 at the others (correlation
-    0.91; on one thread probe 31-58, GEMVs 0.79-0.94, correlation 0.78). A measured decode takes it before
-    and after its steps; perfsim.compare scales the q4_0 GEMV's compute roof by its ratio to the
-    calibration's (with_same_run_host)."""
-    from perfsim.calibrate import _compute_roof_gflops, _gemv_bench
+    """The q4_0 GEMV's in-cache compute roof now, with `threads` threads, in GFLOP/s: the slope between a
+    4 MiB and a 1 MiB matrix (calibration's in-cache bench), each timed COMPUTE_PROBE_CALLS times in turn,
+    their medians. Run before every measured step (timed_step), in calibration as in measured decode.
+
+    This host's compute speed changes state while its memory reads on as before. Measured here
+    (2026-11-28, 5 slopes at a time, 40 times over 5 minutes): on two threads the probe read ~57, ~76 or
+    ~111 GFLOP/s, holding one level for a second or more (57 is the one-thread roof: the two vCPUs then
+    share one core's vector units); on one thread 56, and now and then 22-36. The memory-bound streaming
+    pass does not see it; compute-heavy kernels do. Over 70 steps of Phi-3 Small at context 4000 on two
+    threads, this probe taken before each step, in blocks of 5 steps, the GEMVs' and attention's speed
+    followed the block's mean probe (correlation 0.84 each). A probe taken once before and once after a
+    whole point (calibration v32) read either level for all its steps. perfsim.compare scales every
+    parallel kernel's compute roof by a step's probe over the profile's (with_same_run_host), and
+    calibration states every roof at the profile's probe (_state_normalized)."""
+    import numpy as np
+
+    from perfsim.calibrate import _gemv_bench
     from perfsim.kernels.jit import set_threads
 
     if not _COMPUTE_PROBE:
         _COMPUTE_PROBE.append(_gemv_bench("q4_0"))
+    bench = _COMPUTE_PROBE[0]
     set_threads(threads)
-    return _compute_roof_gflops(_COMPUTE_PROBE[0], None)
+    bench.in_cache.run()
+    bench.in_cache_quarter.run()
+    whole_s, quarter_s = np.empty(COMPUTE_PROBE_CALLS), np.empty(COMPUTE_PROBE_CALLS)
+    for i in range(COMPUTE_PROBE_CALLS):
+        start = time.perf_counter()
+        bench.in_cache.run()
+        middle = time.perf_counter()
+        bench.in_cache_quarter.run()
+        whole_s[i], quarter_s[i] = middle - start, time.perf_counter() - middle
+    whole, quarter = float(np.median(whole_s)), float(np.median(quarter_s))
+    return 0.75 * bench.in_cache_flops / max(whole - quarter, 0.05 * whole) / 1e9
 
 
 _PROBE_OPERANDS = []
@@ -423,6 +452,7 @@ def measurement_record(m: Measurement) -> dict:
         "step_stream_gb_s": list(m.step_stream_gb_s),
         "kv_stream_gb_s": m.kv_stream_gb_s,
         "compute_gflops": m.compute_gflops,
+        "step_compute_gflops": list(m.step_compute_gflops),
         "step_kv_stream_gb_s": list(m.step_kv_stream_gb_s),
         "cold_call_us": m.cold_call_us,
         "step_cold_call_us": list(m.step_cold_call_us),

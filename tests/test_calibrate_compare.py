@@ -469,11 +469,11 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     assert with_same_run_host(device, 1, 11.0).unit().kernel_roofs["rmsnorm"][1].overhead_us == 6.0
 
 
-def test_the_q4_0_gemvs_compute_roof_scales_with_the_compute_probe_of_the_run():
-    """with_same_run_host: a run whose compute probe read 0.6x the calibration's (this host's slow state on
-    two threads: 62-71 GFLOP/s against 110) gets the q4_0 GEMV's compute roof at its thread count 0.6x,
-    the kernel the probe measures; its fixed cost and overlap, the other kernels and the other thread
-    counts stay."""
+def test_the_parallel_kernels_compute_roofs_scale_with_each_steps_compute_probe():
+    """with_same_run_host: a step whose compute probe read 0.6x the calibration's (this host's slow state on
+    two threads: ~66 GFLOP/s against ~110) gets the compute roof of every GEMV and attention kernel at its
+    thread count 0.6x; their fixed costs and overlaps, the serial kernels and the other thread counts stay.
+    compare predicts each step with its own probe."""
     from perfsim.compare import with_same_run_host
     from perfsim.device import device_from_data
 
@@ -486,23 +486,23 @@ def test_the_q4_0_gemvs_compute_roof_scales_with_the_compute_probe_of_the_run():
     device = device_from_data(data, "fake.yaml")
     assert device.unit().compute_probe_gflops_by_threads == {1: 110.0}
     run = with_same_run_host(device, 1, stream_gb_s=11.0, compute_gflops=66.0).unit()
-    assert run.kernel_roofs["gemv.q4_0"][1].gflops == pytest.approx(30.0) and run.kernel_roofs["attention.f16"][1].gflops == 30.0
+    assert run.kernel_roofs["gemv.q4_0"][1].gflops == pytest.approx(30.0) and run.kernel_roofs["attention.f16"][1].gflops == pytest.approx(18.0)
     assert run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5 and run.kernel_roofs["attention.f16"][1].overhead_us == 60.0
     assert run.kernel_roofs["rmsnorm"][1].gflops == 5.0
     for t in set(threads) - {1}:
-        assert run.kernel_roofs["gemv.q4_0"][t].gflops == 50.0
+        assert run.kernel_roofs["gemv.q4_0"][t].gflops == 50.0 and run.kernel_roofs["attention.f16"][t].gflops == 30.0
     assert with_same_run_host(device, 1, stream_gb_s=11.0).unit().kernel_roofs["gemv.q4_0"][1].gflops == 50.0  # no probe in the run
     del unit["compute_probe_gflops_by_threads"]  # none in the profile
     plain = with_same_run_host(device_from_data(data, "fake.yaml"), 1, stream_gb_s=11.0, compute_gflops=66.0).unit()
     assert plain.kernel_roofs["gemv.q4_0"][1].gflops == 50.0
 
-    # compare passes the run's probe: a compute-bound GEMV at 0.6x its roof takes 1/0.6 the compute time
+    # measured decode probes before every step; compare predicts each step with its own probe: a GEMV at
+    # 0.6x its roof takes 1/0.6 the compute time
     measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=2, threads=1)
-    assert measurement.compute_gflops > 0 and measurement_record(measurement)["compute_gflops"] == measurement.compute_gflops
-    slow = dataclasses.replace(measurement, compute_gflops=66.0)
-    fast = dataclasses.replace(measurement, compute_gflops=110.0)
-    slow_gemv = [t for t in compare(device, slow).predictions[0].ops if t.op.kind == "gemv"]
-    fast_gemv = [t for t in compare(device, fast).predictions[0].ops if t.op.kind == "gemv"]
+    assert len(measurement.step_compute_gflops) == 2 and all(g > 0 for g in measurement.step_compute_gflops)
+    assert measurement_record(measurement)["step_compute_gflops"] == list(measurement.step_compute_gflops)
+    steps = dataclasses.replace(measurement, step_compute_gflops=(66.0, 110.0))
+    slow_gemv, fast_gemv = ([t for t in p.ops if t.op.kind == "gemv"] for p in compare(device, steps).predictions)
     assert [a.compute_s / b.compute_s for a, b in zip(slow_gemv, fast_gemv)] == pytest.approx([110 / 66] * len(slow_gemv))
 
 
@@ -891,6 +891,41 @@ def test_a_kernel_compute_bound_in_every_decode_call_takes_its_roof_from_those_c
     roof = calibrate._roof_from_decode(50.0, points, parallel=True)
     assert roof["gflops"] == pytest.approx(58e6 / 1740e-6 / 1e9, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx(40.0, rel=1e-3) and roof["overlap"] == 0.0
+
+
+def test_decode_points_in_a_slower_state_are_fitted_at_their_own_speed():
+    """The first hand-arithmetic fit again, with its 32 MFLOP call run in a state where the compute probe read
+    half the reference (55 against 110 GFLOP/s): its compute took 1600 us, not 800, so the call took
+    30 + 2000 + 0.25 x 1600 = 2430 us. Fitted at each point's own speed, the roof stated at the reference
+    gives overlap 0.25 and 30 us back; without the probes the same points give other values."""
+    from perfsim.cost import Cost
+
+    def point(s, flops, n_bytes, gb_s, probe):
+        return calibrate.DecodeShapedPoint(s, Cost(flops=flops, weight_bytes=n_bytes), 0, gb_s, compute_gflops=probe)
+
+    points = [point(155e-6, 4e6, 2_000_000, 20.0, 110.0), point(2430e-6, 32e6, 20_000_000, 10.0, 55.0), point(480e-6, 8e6, 8_000_000, 20.0, 110.0)]
+    roof = calibrate._roof_from_decode(40.0, points, parallel=True, reference_gflops=110.0)
+    assert roof["gflops"] == 40.0
+    assert roof["overlap"] == pytest.approx(0.25, abs=1e-4) and roof["overhead_us"] == pytest.approx(30.0, rel=1e-3)
+    unprobed = calibrate._roof_from_decode(40.0, points, parallel=True)
+    assert unprobed["overlap"] != pytest.approx(0.25, abs=0.02)
+    # a compute-bound kernel (the second hand-arithmetic fit), its long call at half speed: 40 + 2 x 1800 us
+    points = [calibrate.DecodeShapedPoint(100e-6, Cost(flops=2e6, kv_bytes=400_000), 0, 20.0, compute_gflops=110.0),
+              calibrate.DecodeShapedPoint(3640e-6, Cost(flops=60e6, kv_bytes=12_000_000), 0, 20.0, compute_gflops=55.0)]
+    roof = calibrate._roof_from_decode(50.0, points, parallel=True, reference_gflops=110.0)
+    assert roof["gflops"] == pytest.approx(58e6 / 1740e-6 / 1e9, rel=1e-3) and roof["overhead_us"] == pytest.approx(40.0, rel=1e-3)
+
+
+def test_an_in_cache_roof_is_stated_at_the_reference_speed_state(monkeypatch):
+    """A roof of 30 GFLOP/s measured between probes that read 50 and 60 (mean 55) is 60 at a reference of 110;
+    without a reference it stays as measured."""
+    import perfsim.measure
+
+    readings = iter([50.0, 60.0])
+    monkeypatch.setattr(perfsim.measure, "compute_probe_gflops", lambda threads: next(readings))
+    assert calibrate._state_normalized(lambda: 30.0, 1, 110.0) == pytest.approx(60.0)
+    readings = iter([50.0, 60.0])
+    assert calibrate._state_normalized(lambda: 30.0, 1, 0.0) == 30.0
 
 
 def resident_bytes_of(array) -> int:
