@@ -216,6 +216,7 @@ class Round:
     clean: bool  # both halves got threads x wall time of CPU (no other process on our cores)
     result: object = None  # what work() returned
     kv_stream_gb_s: float = 0.0  # decode rounds: the K/V pass before the streaming pass (perfsim.measure.read_kv_pass_gb_s)
+    compute_gflops: float = 0.0  # decode rounds: the compute probe before the passes (perfsim.measure.compute_probe_gflops)
 
 
 @dataclass(frozen=True)
@@ -243,21 +244,22 @@ def measure_rounds(host: Host, threads: int, work: Callable[[], object], target:
                    budget_s: float = ROUND_BUDGET_S, session=None) -> Rounds:
     """Rounds of (a streaming pass, then one call of `work`) at `threads` Numba threads, after a warm-up,
     until `target` are clean or the budget is spent (and at least `target` ran). The pass reads the host's
-    buffer; given a decode session, a K/V pass and then the streaming pass of measured decode
+    buffer; given a decode session, measured decode's compute probe, K/V pass and streaming pass
     (perfsim.measure: samples of the session's K/V cache and of its weights)."""
     from perfsim.kernels import stream as stream_kernels
     from perfsim.kernels.jit import set_threads
-    from perfsim.measure import read_kv_pass_gb_s, read_pass_gb_s
+    from perfsim.measure import compute_probe_gflops, read_kv_pass_gb_s, read_pass_gb_s
 
     data = host.stream()
 
-    def read_passes() -> tuple:  # (stream GB/s, K/V stream GB/s)
+    def read_passes() -> tuple:  # (stream GB/s, K/V stream GB/s, compute probe GFLOP/s)
         if session is None:
             start = time.perf_counter()
             stream_kernels.sum_int64(data)
-            return data.nbytes / (time.perf_counter() - start) / 1e9, 0.0
+            return data.nbytes / (time.perf_counter() - start) / 1e9, 0.0, 0.0
+        compute_gflops = compute_probe_gflops(threads)
         kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
-        return read_pass_gb_s(threads, session), kv_stream_gb_s
+        return read_pass_gb_s(threads, session), kv_stream_gb_s, compute_gflops
 
     set_threads(threads)
     read_passes()  # compile or load from Numba's cache; wake the thread pool
@@ -268,13 +270,13 @@ def measure_rounds(host: Host, threads: int, work: Callable[[], object], target:
     start = wall()
     while True:
         c0, t0 = cpu(), wall()
-        stream_gb_s, kv_stream_gb_s = read_passes()
+        stream_gb_s, kv_stream_gb_s, compute_gflops = read_passes()
         c1, t1 = cpu(), wall()
         result = work()
         c2, t2 = cpu(), wall()
         clean = c1 - c0 >= CLEAN_CPU_FRACTION * threads * (t1 - t0) and c2 - c1 >= CLEAN_CPU_FRACTION * threads * (t2 - t1)
         n_clean += clean
-        rounds.append(Round(stream_gb_s, t2 - t1, clean, result, kv_stream_gb_s))
+        rounds.append(Round(stream_gb_s, t2 - t1, clean, result, kv_stream_gb_s, compute_gflops))
         elapsed = wall() - start
         if n_clean >= target or (elapsed >= budget_s and len(rounds) >= target) or elapsed >= 4 * budget_s:
             return Rounds(threads, tuple(rounds))
@@ -431,7 +433,7 @@ def decode_probes(host: Host) -> list[Probe]:
 
 def _measurement(engine, threads: int, rounds, context: int):
     """Rounds as a perfsim.measure.Measurement: one measured decode step each, all at `context`, with
-    the streaming bandwidth measured right before them as its same-run memory roof."""
+    the passes and the compute probe measured right before them (medians) as its same-run host."""
     from perfsim.measure import Measurement
 
     return Measurement(model=engine.model, formats=engine.formats, threads=threads, contexts=(context,) * len(rounds),
@@ -439,7 +441,8 @@ def _measurement(engine, threads: int, rounds, context: int):
                        op_seconds={name: tuple(r.result[name] for r in rounds) for name in rounds[0].result},
                        load_s=0.0, warmup_s=0.0, peak_rss_bytes=0, weights_origin=engine.weights.origin,
                        stream_gb_s=statistics.median(r.stream_gb_s for r in rounds),
-                       kv_stream_gb_s=statistics.median(r.kv_stream_gb_s for r in rounds))
+                       kv_stream_gb_s=statistics.median(r.kv_stream_gb_s for r in rounds),
+                       compute_gflops=statistics.median(r.compute_gflops for r in rounds))
 
 
 def _host_accuracy_probe(host: Host, context: int) -> Probe:

@@ -5,6 +5,7 @@ is made 1.5x slower."""
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 
 import pytest
@@ -361,3 +362,25 @@ def test_real_kernel_made_1_5x_slower_fails(kernel_baseline, tmp_path, monkeypat
     assert row["verdict"] == "FAIL" and len(row["attempts"]) == 1 + gate.RETRIES
     # 1.5x the time is 2/3 of the efficiency; the best of three attempts is still well below the baseline
     assert 0.45 < row["now"] / row["baseline"] < 0.85
+
+
+def test_decode_rounds_carry_measured_decodes_compute_probe_into_the_accuracy_measurement():
+    """A decode round runs measured decode's compute probe before its passes, and the accuracy suite's
+    Measurement of rounds carries it, so compare scales the GEMVs' and attention's roofs as for a sweep."""
+    from perfsim.engine import Engine
+    from perfsim.model import ModelSpec
+
+    model = ModelSpec("tiny", n_layers=2, hidden_size=256, n_heads=4, n_kv_heads=2, intermediate_size=512, vocab_size=320, max_context=128)
+    engine = Engine.random(model, "q4_0", "f16")
+    session = engine.session(32)
+    session.fill_cache(31)
+
+    def step():
+        session.position = 31
+        session.step(1)
+        return dict(session.op_seconds)
+
+    rounds = gate.measure_rounds(gate.Host(), 1, step, target=3, budget_s=0.5, session=session)
+    assert all(r.compute_gflops > 0 for r in rounds.rounds)
+    measurement = gate._measurement(engine, 1, rounds.rounds, 32)
+    assert measurement.compute_gflops == pytest.approx(statistics.median(r.compute_gflops for r in rounds.rounds))
