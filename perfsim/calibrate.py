@@ -827,49 +827,23 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-# A parallel kernel's in-cache roof is measured a second time at the end of calibration, 10-45 s after the
-# first (each thread count's part takes about half of the ~55 s), and the faster of the two kept when it is
-# SECOND_LOOK_GAIN x the first or more; the kernel's fit is then made again from it. In the twelfth
-# session's Skylake-SP rounds, two calibrations of five measured roofs while something slowed the host
-# for seconds at a time: q4_0 GEMV 32 GFLOP/s on one thread (55-56 in the others) and 62 on two
-# (104-113), f16 GEMV 18 on two (36-38), f16 attention 7.4 on one (11.6-12.4), grouped-query attention
-# 26 on two (28-36); 15 of that session's 32 misses followed from them. Measured since: the eight
-# calibrations of the thirteenth session replaced 0-5 roofs each (mostly attention's, e.g. grouped-query
-# f16 on two threads 31.9 -> 51.4), never the q4_0 GEMV's; in one run of it, during which the host slowed,
-# the second looks came out 0.53-1.09x the first, and the first were kept.
-SECOND_LOOK_GAIN = 1.1
-
-
 def _state_normalized(measure, threads: int, reference_gflops: float) -> float:
     """`measure()`, a kernel's in-cache roof in GFLOP/s with `threads` threads, stated at the speed state of the
     compute probe `reference_gflops`: times that over the mean of two probes (perfsim.measure.compute_probe_gflops),
     one right before it and one right after. This host's compute flips between speed states for a second or
     more at a time (the probe's docstring); a roof measured in one and a decode point in another would put
     the difference into the kernel's fixed cost and overlap, and a run's prediction, scaled by its own
-    probes, would then count the state twice or miss it."""
+    probes, would then count the state twice or miss it. (Calibrations v29-v32 measured every parallel roof
+    a second time at their end and kept the second when 1.1x the first or more. With roofs so stated, the one
+    v33 calibration that kept it replaced five, among them f16 attention's on two threads (29.5 -> 33.8
+    GFLOP/s), and Phi-3 Mini's attention on two threads came out -17% to -23%: the faster of two noisy
+    looks is biased fast. It is gone, and calibration is ~5 s shorter.)"""
     from perfsim.measure import compute_probe_gflops
 
     before = compute_probe_gflops(threads)
     gflops = measure()
     state = (before + compute_probe_gflops(threads)) / 2
     return gflops * reference_gflops / state if reference_gflops > 0 and state > 0 else gflops
-
-
-def _second_look(kernel_roofs: dict, first_gflops: dict, parallel: list, thread_counts: list, measure, refit) -> list:
-    """Measures each parallel kernel's in-cache roof again (`measure(bench, threads)` -> GFLOP/s) and, where
-    that is SECOND_LOOK_GAIN x its first (`first_gflops[kernel, threads]`) or more, replaces its roof by
-    `refit(bench, threads, gflops)` (the roof's other entries, such as attention's head_dim factors, kept).
-    Returns what it replaced: "kernel at N threads: first -> second GFLOP/s"."""
-    replaced = []
-    for threads in thread_counts:
-        for bench in parallel:
-            first = first_gflops[bench.kernel, threads]
-            again = measure(bench, threads)
-            if again >= SECOND_LOOK_GAIN * first:
-                kernel_roofs[bench.kernel][threads] = {**kernel_roofs[bench.kernel][threads], **refit(bench, threads, again)}
-                first_gflops[bench.kernel, threads] = again
-                replaced.append(f"{bench.kernel} at {threads} threads: {_sig(first)} -> {_sig(again)} GFLOP/s")
-    return replaced
 
 
 def measure_host(progress=None) -> dict:
@@ -949,8 +923,6 @@ def measure_host(progress=None) -> dict:
                 break  # as slow again: that is what this thread count does
             kernel_roofs[bench.kernel][threads] = refit(bench, threads, gflops)
             first_gflops[bench.kernel, threads] = gflops
-    report(total - 1, total, "in-cache roofs, a second look")
-    second_looks = _second_look(kernel_roofs, first_gflops, parallel, thread_counts, measure_gflops, refit)
     for kernel, roofs in _serial_roofs(serial_gflops, serial_decode_calls, cold_call_us).items():
         kernel_roofs[kernel].update(roofs)
     del data
@@ -1007,8 +979,7 @@ def measure_host(progress=None) -> dict:
             "units.cpu.kernel_roofs": f"{how}: per kernel, tiny / in-cache / out-of-cache runs at non-Phi-3 shapes",
         },
         "calibration": dict(fingerprint, measured_at=measured_at, perfsim_version=__version__, seconds=round(seconds, 1),
-                            other_load_fraction=round(other_load_fraction, 3), stolen_fraction=round(stolen_fraction, 3),
-                            second_looks=second_looks),
+                            other_load_fraction=round(other_load_fraction, 3), stolen_fraction=round(stolen_fraction, 3)),
     }
 
 

@@ -72,6 +72,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "set_aside_step_seconds": list(measurement.set_aside_step_seconds),
                 "calibrated_cold_call_us": device.unit().cold_call_us_by_threads.get(t),
                 "compute_gflops": measurement.compute_gflops,
+                "step_compute_gflops": list(measurement.step_compute_gflops),
                 "calibrated_compute_gflops": device.unit().compute_probe_gflops_by_threads.get(t),
                 "seconds": time.perf_counter() - start,
             }
