@@ -519,6 +519,9 @@ def test_real_calibration_writes_a_valid_profile_in_under_a_minute(tmp_path):
     for kernel in ("gemv.q4_0", "gemv.f16", "attention.f16", "rmsnorm", "kv_append.f16", "embedding.q4_0"):
         assert set(unit.kernel_roofs[kernel]) == set(unit.bandwidth_gb_s_by_threads)
     assert set(unit.cold_call_us_by_threads) == set(unit.bandwidth_gb_s_by_threads)
+    # multi-head attention's head_dim factors: measured on one thread, the same at every thread count
+    factors = [roof.time_factor_by_head_dim for roof in unit.kernel_roofs["attention.f16"].values()]
+    assert set(factors[0]) == {64, 80, 96} and all(f == factors[0] for f in factors)
     assert device.calibration["cpu_model"] == calibrate.cpu_model()
     assert device.calibration["seconds"] < 90  # "under a minute" on a quiet machine; CI shares the box
     assert 0 <= device.calibration["other_load_fraction"] <= 1
