@@ -195,16 +195,34 @@ def comparison_record(c) -> dict:
         measured=measurement_record(c.measurement),
         error={
             "definition": "(predicted - measured) / measured, each the interquartile mean of the measured steps and of their "
-                          "predictions (each at its context, for the host as its streaming pass and cold-call probe found it); "
+                          "predictions (each at its context, for the host as the passes and probes run right before it found it); "
                           "tokens/s: positive = the model promised more speed than measured",
             "decode_tokens_per_s": c.tokens_per_s_error,
             "ops": [{"name": r["name"], "kind": r["kind"], "error": r["error"]} for r in c.op_rows()],
             "groups": c.group_rows(),
             "gemv_attention_rest": coarse_groups(c),
         },
-        host_profile={"path": c.device.path, "calibration": c.device.calibration},
+        host_profile={"path": c.device.path, "calibration": c.device.calibration,
+                      "compute_probe_gflops": c.device.unit().compute_probe_gflops_by_threads.get(c.measurement.threads)},
     )
     return record
+
+
+def host_state_text(stream_gb_s, kv_stream_gb_s, compute_gflops, calibrated_gflops: float = 0.0) -> str:
+    """One line: the host as the passes and probes before each measured step found it (ranges over the steps;
+    a pass or probe of 0: none), the calibration's compute probe beside the run's when known; "" without any."""
+    parts = []
+    streams = [gb_s for gb_s in stream_gb_s if gb_s > 0]
+    if streams:
+        parts.append(f"weights read {min(streams):.1f}-{max(streams):.1f} GB/s")
+    kv = [gb_s for gb_s in kv_stream_gb_s if gb_s > 0]
+    if kv:
+        parts.append(f"K/V read {min(kv):.1f}-{max(kv):.1f} GB/s")
+    probes = [gflops for gflops in compute_gflops if gflops > 0]
+    if probes:
+        parts.append(f"compute probe {min(probes):.0f}-{max(probes):.0f} GFLOP/s"
+                     + (f" (calibration: {calibrated_gflops:.0f}; GEMV and attention compute roofs scaled by the ratio)" if calibrated_gflops else ""))
+    return "host as measured before each step: " + ", ".join(parts) if parts else ""
 
 
 def format_comparison(c) -> str:
@@ -213,7 +231,6 @@ def format_comparison(c) -> str:
     m = c.measurement
     f = m.formats
     measured_steps, predicted_steps = middle_half(m.step_seconds), middle_half(c.predicted_step_s)
-    passes = m.each_step_stream_gb_s
     lines = [
         f"{m.model.name} on this host ({m.threads} threads): weights {f.weights.name} ({m.weights_origin}), KV cache {f.kv_cache.name}",
         f"{len(m.step_seconds)} tokens decoded at contexts {m.contexts[0]}..{m.contexts[-1]}; prediction from {c.device.path}",
@@ -222,8 +239,9 @@ def format_comparison(c) -> str:
         f"tokens/s         {c.predicted_tokens_per_s:9.2f}   {m.decode_tokens_per_s:9.2f}   {100 * c.tokens_per_s_error:+6.1f}%",
         f"ms/token         {c.predicted_ms_per_token:9.2f}   {m.ms_per_token:9.2f}",
         f"middle half of the steps: measured {1e3 * measured_steps[0]:.2f}-{1e3 * measured_steps[-1]:.2f} ms, predicted "
-        f"{1e3 * predicted_steps[0]:.2f}-{1e3 * predicted_steps[-1]:.2f} ms (each step predicted for the streaming read before it: "
-        f"{min(passes):.1f}-{max(passes):.1f} GB/s)",
+        f"{1e3 * predicted_steps[0]:.2f}-{1e3 * predicted_steps[-1]:.2f} ms (each step predicted for the host as measured before it)",
+        host_state_text(m.each_step_stream_gb_s, m.each_step_kv_stream_gb_s, m.each_step_compute_gflops,
+                        c.device.unit().compute_probe_gflops_by_threads.get(m.threads, 0.0)),
         "",
     ]
     rows = [[g["kind"], f"{1e3 * g['predicted_s']:.3f}", f"{1e3 * g['measured_s']:.3f}", f"{100 * g['error']:+.1f}%", g["bound"],

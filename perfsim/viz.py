@@ -442,6 +442,16 @@ def host_group_rows(record: dict) -> list[dict]:
     return rows
 
 
+def host_state_text(record: dict) -> str:
+    """The host as the passes and probes before each measured step found it (perfsim.report.host_state_text);
+    "" for a record without them (one written before they existed)."""
+    from perfsim.report import host_state_text as state_text
+
+    measured = record["measured"]
+    return state_text(measured.get("step_stream_gb_s") or [], measured.get("step_kv_stream_gb_s") or [],
+                      measured.get("step_compute_gflops") or [], (record.get("host_profile") or {}).get("compute_probe_gflops") or 0.0)
+
+
 def host_config_text(record: dict) -> str:
     quant = record["quant"] if isinstance(record["quant"], dict) else {"weights": record["quant"]}
     parts = ", ".join(f"{k} {v}" for k, v in quant.items())

@@ -369,6 +369,13 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     assert tokens_line.split() == ["tokens/s", f"{c.predicted_tokens_per_s:.2f}", f"{swapped.decode_tokens_per_s:.2f}", f"{100 * expected:+.1f}%"]
     middle = sorted(swapped_s)[1:3]  # of 4 steps, the middle 2
     assert f"predicted {1e3 * middle[0]:.2f}-{1e3 * middle[1]:.2f} ms" in text and "2.5-40.0 GB/s" in text
+    # the host as each step's passes and probes found it, beside the calibration's probe when the profile has one
+    probed = dataclasses.replace(swapped, step_kv_stream_gb_s=(4.0, 5.5, 4.5, 4.0), step_compute_gflops=(66.0, 110.0, 90.0, 100.0))
+    assert "weights read 2.5-40.0 GB/s, K/V read 4.0-5.5 GB/s, compute probe 66-110 GFLOP/s\n" in format_comparison(compare(device, probed))
+    data = fake_profile()
+    data["units"]["cpu"]["compute_probe_gflops_by_threads"] = {1: 105.0}
+    text = format_comparison(compare(device_from_data(data, "fake.yaml"), probed))
+    assert "compute probe 66-110 GFLOP/s (calibration: 105; GEMV and attention compute roofs scaled by the ratio)" in text
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
 
 

@@ -343,6 +343,18 @@ def test_host_page_shows_predicted_vs_measured_per_op_group():
     assert chart["data"][1]["text"][chart["data"][1]["x"].index("gemv")] == "-20%"
 
 
+def test_host_page_says_how_the_passes_and_probes_before_the_steps_found_the_host():
+    record = host_profile_record()
+    at = upload_host_json(page("Host profile").run(), record)
+    assert not any("host as measured" in c.value for c in at.caption)  # a record without them
+    record["measured"].update(step_stream_gb_s=[10.0, 12.5], step_kv_stream_gb_s=[8.0, 9.0], step_compute_gflops=[50.0, 56.0])
+    record["host_profile"] = {"path": "host.yaml", "calibration": {}, "compute_probe_gflops": 55.0}
+    at = upload_host_json(page("Host profile").run(), record)
+    assert not at.exception and not at.error
+    assert ("host as measured before each step: weights read 10.0-12.5 GB/s, K/V read 8.0-9.0 GB/s, compute probe 50-56 GFLOP/s "
+            "(calibration: 55; GEMV and attention compute roofs scaled by the ratio)") in [c.value for c in at.caption]
+
+
 def test_host_page_refuses_a_profile_from_another_version():
     at = upload_host_json(page("Host profile").run(), host_profile_record(version="0.2.0"), "old.json")
     assert not at.exception

@@ -41,6 +41,8 @@ predicted_column.metric("Predicted decode tokens/s", f"{record['predicted']['dec
 measured_column.metric("Measured decode tokens/s", f"{record['measured']['decode_tokens_per_s']:.2f}")
 error_column.metric("Error of tokens/s", f"{100 * record['error']['decode_tokens_per_s']:+.1f}%",
                     help="(predicted - measured) / measured: positive means the roofline promises more speed than the host delivers")
+if host_state := viz.host_state_text(record):
+    st.caption(host_state)
 st.plotly_chart(common.host_figure(*source), key="host_groups")
 st.subheader("Per op group")
 st.dataframe(viz.host_group_rows(record), hide_index=True, column_config={
