@@ -682,9 +682,9 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     GEMVs and attention: time - max(compute, memory) = overhead + overlap * min(compute, memory), the
     least-squares line through the points (each op at each context), memory at their own streaming
     passes, compute at the roof `gflops` (stated at the compute probe `reference_gflops`) times each
-    point's own speed (DecodeShapedPoint.speed). Fitted on sweeps in a loop of their own, attention under-predicted decode's by 11-19% on one
-    thread, in this 4-layer model as in Phi-3 Mini, and the q4_0 GEMVs' overlap came out 0.03-0.35
-    from one calibration to the next."""
+    point's own speed (DecodeShapedPoint.speed). Fitted on sweeps in a loop of their own, attention
+    under-predicted decode's by 11-19% on one thread, in this 4-layer model as in Phi-3 Mini, and the
+    q4_0 GEMVs' overlap came out 0.03-0.35 from one calibration to the next."""
     if not parallel:
         # As for the parallel kernels below, FLOPs over seconds of any of its decode calls is a floor
         # under the compute roof: kv_append's in-cache roof on two threads once came out 0.11 GFLOP/s

@@ -218,9 +218,9 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     Each step follows a compute probe (compute_probe_gflops), a pass over its K/V cache and one over its
     weights (read_kv_pass_gb_s, read_pass_gb_s) and a cold-call probe (cold_call_probe_us), all untimed
     in the step: perfsim.compare predicts each step with the memory roofs of its own passes, its compute
-    roofs scaled by its own compute probe and its fixed costs by its own cold-call probe (with_same_run_host). Other VMs share this host's DRAM,
-    and its bandwidth drifts by 10-30% over a minute; a roof taken before and after 16 steps missed
-    that drift. A step the hypervisor stole time from is run again (timed_step)."""
+    roofs scaled by its own compute probe and its fixed costs by its own cold-call probe
+    (with_same_run_host). Other VMs share this host's DRAM, and its bandwidth drifts by 10-30% over a
+    minute; a roof taken before and after 16 steps missed that drift. A step the hypervisor stole time from is run again (timed_step)."""
     from perfsim.kernels.jit import set_threads
 
     set_threads(threads)

@@ -220,8 +220,8 @@ def host_state_text(stream_gb_s, kv_stream_gb_s, compute_gflops, calibrated_gflo
         parts.append(f"K/V read {min(kv):.1f}-{max(kv):.1f} GB/s")
     probes = [gflops for gflops in compute_gflops if gflops > 0]
     if probes:
-        parts.append(f"compute probe {min(probes):.0f}-{max(probes):.0f} GFLOP/s"
-                     + (f" (calibration: {calibrated_gflops:.0f}; GEMV and attention compute roofs scaled by the ratio)" if calibrated_gflops else ""))
+        scaled = f" (calibration: {calibrated_gflops:.0f}; GEMV and attention compute roofs scaled by the ratio)" if calibrated_gflops else ""
+        parts.append(f"compute probe {min(probes):.0f}-{max(probes):.0f} GFLOP/s{scaled}")
     return "host as measured before each step: " + ", ".join(parts) if parts else ""
 
 
