@@ -865,6 +865,21 @@ def test_a_parallel_kernels_overhead_and_overlap_are_the_line_through_its_decode
     assert roof["gflops"] == 40.0 and calibrate._roof_from_decode(20.0, points, parallel=True)["gflops"] == pytest.approx(4e6 / 155e-6 / 1e9, rel=1e-3)
 
 
+def test_a_negative_fixed_cost_is_none_and_the_overlap_then_the_best_line_through_the_origin():
+    """Hand arithmetic: compute roof 40 GFLOP/s, memory 2x compute in each call (100, 200 and 400 us of compute
+    against 200, 400 and 800 us of memory); beyond the memory the calls took 20, 50 and 110 us. The free line is
+    0.3 x compute - 10 us. Without a fixed cost, the best line through the origin has slope
+    (100x20 + 200x50 + 400x110) / (100^2 + 200^2 + 400^2) = 56000 / 210000; it passes 2.2 us above the points'
+    mean, so the fixed cost stays 0 (the free slope with none charged each call 10 us more than its points)."""
+    from perfsim.cost import Cost
+
+    point = lambda compute_us, excess_us: calibrate.DecodeShapedPoint(  # noqa: E731
+        (2 * compute_us + excess_us) * 1e-6, Cost(flops=compute_us * 1e-6 * 40e9, weight_bytes=2 * compute_us * 1e-6 * 20e9), 0, 20.0)
+    roof = calibrate._roof_from_decode(40.0, [point(100, 20), point(200, 50), point(400, 110)], parallel=True)
+    assert roof["gflops"] == 40.0
+    assert roof["overlap"] == pytest.approx(56000 / 210000, abs=1e-4) and roof["overhead_us"] == 0.0
+
+
 def test_a_kernel_compute_bound_in_every_decode_call_takes_its_roof_from_those_calls():
     """Hand arithmetic: an in-cache roof of 50 GFLOP/s makes both calls compute-bound (2 MFLOP: 40 us against
     0.4 MB at 20 GB/s, 20 us; 60 MFLOP: 1200 us against 12 MB, 600 us). Decode took 100 and 1840 us: the
