@@ -755,7 +755,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     if intercept < 0:
         # A negative fixed cost is none, and the free slope with no fixed cost charged every call more than its
         # points showed: the q4_0 GEMVs' fit came out at overlap 0.25-0.37 with no fixed cost in 3 of 23 Skylake-SP
-        # calibrations (0.03-0.15 and 16-61 us in the others), and the fresh-clone CI's gate then measured host
+        # calibrations (0.03-0.15 and 15-92 us in the others), and the fresh-clone CI's gate then measured host
         # accuracy -13% (context 256) and -9% (2048) against +0.4% and +1.9% in its baseline. The slope is then the
         # best line's through the origin.
         slope = float(np.dot(hidden, excess) / np.dot(hidden, hidden))
