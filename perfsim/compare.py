@@ -138,21 +138,23 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
                "kv_bandwidth_gb_s_by_threads": {t: gb_s for t, gb_s in unit.kv_bandwidth_gb_s_by_threads.items() if t != threads}}
     if kv_stream_gb_s > 0:
         changes["kv_bandwidth_gb_s_by_threads"][threads] = kv_stream_gb_s
-    kernel_roofs = unit.kernel_roofs
     calibrated_probe_us = unit.cold_call_us_by_threads.get(threads, 0.0)
-    if cold_call_us > 0 and calibrated_probe_us > 0:
-        factor = cold_call_us / calibrated_probe_us
-        kernel_roofs = {kernel: {t: r.with_fixed_costs_scaled(factor) if t == threads else r for t, r in roofs.items()}
-                        for kernel, roofs in kernel_roofs.items()}
-        changes["overhead_us_per_op"] = unit.overhead_us_per_op * factor
+    fixed_cost_factor = cold_call_us / calibrated_probe_us if cold_call_us > 0 and calibrated_probe_us > 0 else 1.0
     calibrated_gflops = unit.compute_probe_gflops_by_threads.get(threads, 0.0)
-    if compute_gflops > 0 and calibrated_gflops > 0:
-        factor = compute_gflops / calibrated_gflops
-        kernel_roofs = {kernel: {t: r.with_compute_scaled(factor) if t == threads and kernel.startswith(PROBED_KERNEL_PREFIXES) else r
-                                 for t, r in roofs.items()}
-                        for kernel, roofs in kernel_roofs.items()}
-    if kernel_roofs is not unit.kernel_roofs:
-        changes["kernel_roofs"] = kernel_roofs
+    compute_factor = compute_gflops / calibrated_gflops if compute_gflops > 0 and calibrated_gflops > 0 else 1.0
+
+    def at_this_run(kernel: str, roof):
+        if fixed_cost_factor != 1.0:
+            roof = roof.with_fixed_costs_scaled(fixed_cost_factor)
+        if compute_factor != 1.0 and kernel.startswith(PROBED_KERNEL_PREFIXES):
+            roof = roof.with_compute_scaled(compute_factor)
+        return roof
+
+    if fixed_cost_factor != 1.0:
+        changes["overhead_us_per_op"] = unit.overhead_us_per_op * fixed_cost_factor
+    if fixed_cost_factor != 1.0 or compute_factor != 1.0:
+        changes["kernel_roofs"] = {kernel: {t: at_this_run(kernel, r) if t == threads else r for t, r in roofs.items()}
+                                   for kernel, roofs in unit.kernel_roofs.items()}
     unit = dataclasses.replace(unit, **changes)
     return dataclasses.replace(device, units={**device.units, unit.name: unit})
 

@@ -248,7 +248,7 @@ def measure_rounds(host: Host, threads: int, work: Callable[[], object], target:
     (perfsim.measure: samples of the session's K/V cache and of its weights)."""
     from perfsim.kernels import stream as stream_kernels
     from perfsim.kernels.jit import set_threads
-    from perfsim.measure import compute_probe_gflops, read_kv_pass_gb_s, read_pass_gb_s
+    from perfsim.measure import host_before_step
 
     data = host.stream()
 
@@ -257,9 +257,8 @@ def measure_rounds(host: Host, threads: int, work: Callable[[], object], target:
             start = time.perf_counter()
             stream_kernels.sum_int64(data)
             return data.nbytes / (time.perf_counter() - start) / 1e9, 0.0, 0.0
-        compute_gflops = compute_probe_gflops(threads)
-        kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
-        return read_pass_gb_s(threads, session), kv_stream_gb_s, compute_gflops
+        compute_gflops, kv_stream_gb_s, stream_gb_s = host_before_step(threads, session)
+        return stream_gb_s, kv_stream_gb_s, compute_gflops
 
     set_threads(threads)
     read_passes()  # compile or load from Numba's cache; wake the thread pool

@@ -190,6 +190,15 @@ class TimedStep:
     compute_gflops: float = 0.0  # the compute probe run before the passes (compute_probe_gflops; 0: none)
 
 
+def host_before_step(threads: int, session) -> tuple:
+    """(compute probe GFLOP/s, K/V pass GB/s, weights' pass GB/s): the microbenchmarks run right before a
+    measured step, in this order (the passes leave the probe's matrices out of the caches), by measured
+    decode, calibration's decode and the gate's decode rounds alike."""
+    compute_gflops = compute_probe_gflops(threads)
+    kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
+    return compute_gflops, kv_stream_gb_s, read_pass_gb_s(threads, session)
+
+
 def timed_step(session, token: int, threads: int) -> TimedStep:
     """A compute probe, a K/V pass, a streaming pass, a cold-call probe, then session.step(token), timed (the
     passes leave the probe's matrices out of the caches); run again from the same
@@ -198,9 +207,7 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
     position, set_aside = session.position, []
     for attempt in range(1 + STEAL_RETRIES):
         session.position = position
-        compute_gflops = compute_probe_gflops(threads)
-        kv_stream_gb_s = read_kv_pass_gb_s(threads, session)
-        stream_gb_s = read_pass_gb_s(threads, session)
+        compute_gflops, kv_stream_gb_s, stream_gb_s = host_before_step(threads, session)
         cold_call_us = cold_call_probe_us()
         faults_before, steal_before = _page_faults(), stolen_cpu_s()
         start = time.perf_counter()
