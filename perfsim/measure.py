@@ -114,29 +114,37 @@ def _page_faults() -> int:
 _TICKS_PER_S = []
 
 
-def _all_cpus_ticks(path: str) -> list[int]:
-    """The all-CPUs line of /proc/stat (user nice system idle iowait irq softirq steal ...), in clock
-    ticks since boot; [] where it cannot be read."""
+def _own_cpus_ticks(path: str, cpus: set | None = None) -> list[int]:
+    """The per-CPU lines of /proc/stat (user nice system idle iowait irq softirq steal ...) of the CPUs this
+    process may run on (`cpus`, default its affinity), summed, in clock ticks since boot; the all-CPUs line
+    where /proc/stat has no line for them; [] where it cannot be read. Under `taskset -c 0` with a process on
+    the other vCPU, the all-CPUs line had a calibration warn that other processes "took 101% of the 1 cores"."""
     if not _TICKS_PER_S:
         _TICKS_PER_S.append(os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     try:
         with open(path, encoding="ascii") as f:
-            fields = f.readline().split()
-        return [int(v) for v in fields[1:]] if fields and fields[0] == "cpu" else []
+            lines = [line.split() for line in f if line.startswith("cpu")]
+        all_cpus = [int(v) for v in lines[0][1:]] if lines and lines[0][0] == "cpu" else []
+        own = [[int(v) for v in fields[1:]] for fields in lines if fields[0][3:].isdigit() and int(fields[0][3:]) in cpus]
+        return [sum(column) for column in zip(*own)] if own else all_cpus
     except (OSError, ValueError):
         return []
 
 
-def stolen_cpu_s(path: str = "/proc/stat") -> float:
-    """Seconds stolen from all of this VM's vCPUs since boot (0.0 where /proc/stat has no steal column)."""
-    ticks = _all_cpus_ticks(path)
+def stolen_cpu_s(path: str = "/proc/stat", cpus: set | None = None) -> float:
+    """Seconds stolen from the vCPUs this process may run on (`cpus`, default its affinity) since boot (0.0
+    where /proc/stat has no steal column)."""
+    ticks = _own_cpus_ticks(path, cpus)
     return ticks[7] / _TICKS_PER_S[0] if len(ticks) > 7 else 0.0
 
 
-def busy_cpu_s(path: str = "/proc/stat") -> float:
-    """Seconds all CPUs spent running something since boot (user, nice, system, irq, softirq), ours
-    and every other process's; 0.0 where /proc/stat cannot be read."""
-    ticks = _all_cpus_ticks(path)
+def busy_cpu_s(path: str = "/proc/stat", cpus: set | None = None) -> float:
+    """Seconds the CPUs this process may run on (`cpus`, default its affinity) spent running something
+    since boot (user, nice, system, irq, softirq), ours and every other process's; 0.0 where /proc/stat
+    cannot be read."""
+    ticks = _own_cpus_ticks(path, cpus)
     return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / _TICKS_PER_S[0] if len(ticks) > 6 else 0.0
 
 

@@ -118,27 +118,34 @@ def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypat
     assert faults[1] >= 16 and faults[1] > max(faults[:1] + faults[2:])
 
 
-def test_steal_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
+def test_steal_time_is_read_from_the_lines_of_the_cpus_this_process_may_use(tmp_path):
     from perfsim.measure import stolen_cpu_s
 
     ticks = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
-    stat.write_text(f"cpu  4406418 96437 1036831 5828686 16999 0 6449 {3 * ticks} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
-    assert stolen_cpu_s(str(stat)) == pytest.approx(3.0)
-    stat.write_text("cpu  4406418 96437 1036831 5828686\n")  # a kernel without the column
-    assert stolen_cpu_s(str(stat)) == 0.0
+    stat.write_text(f"cpu  4406418 96437 1036831 5828686 16999 0 6449 {10 * ticks} 0 0\n"
+                    f"cpu0 1 2 3 4 5 6 7 {3 * ticks} 0 0\ncpu1 1 2 3 4 5 6 7 {7 * ticks} 0 0\nintr 1 2 3\n")
+    assert stolen_cpu_s(str(stat), {0}) == pytest.approx(3.0)
+    assert stolen_cpu_s(str(stat), {1}) == pytest.approx(7.0)
+    assert stolen_cpu_s(str(stat), {0, 1}) == pytest.approx(10.0)
+    assert stolen_cpu_s(str(stat), {4}) == pytest.approx(10.0)  # no line of its own: the all-CPUs line
+    stat.write_text("cpu  4406418 96437 1036831 5828686\ncpu0 1 2 3 4\n")  # a kernel without the column
+    assert stolen_cpu_s(str(stat), {0}) == 0.0
     assert stolen_cpu_s(str(tmp_path / "missing")) == 0.0
 
 
-def test_busy_cpu_time_is_read_from_the_cpu_line_of_proc_stat(tmp_path):
+def test_busy_cpu_time_is_read_from_the_lines_of_the_cpus_this_process_may_use(tmp_path):
     from perfsim.measure import busy_cpu_s
 
     ticks = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal: idle, iowait and steal are not busy
-    stat.write_text(f"cpu  {4 * ticks} {ticks} {2 * ticks} 999999 888 {ticks} {ticks} 777 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
-    assert busy_cpu_s(str(stat)) == pytest.approx(9.0)
+    stat.write_text(f"cpu  {34 * ticks} {ticks} {2 * ticks} 1999998 1776 {ticks} {ticks} 1554 0 0\n"
+                    f"cpu0 {4 * ticks} {ticks} {2 * ticks} 999999 888 {ticks} {ticks} 777 0 0\n"
+                    f"cpu1 {30 * ticks} 0 0 999999 888 0 0 777 0 0\n")
+    assert busy_cpu_s(str(stat), {0}) == pytest.approx(9.0)  # what runs on cpu1 is not taken from us
+    assert busy_cpu_s(str(stat), {0, 1}) == pytest.approx(39.0)
     assert busy_cpu_s(str(tmp_path / "missing")) == 0.0
 
 
