@@ -384,3 +384,29 @@ def test_decode_rounds_carry_measured_decodes_compute_probe_into_the_accuracy_me
     assert all(r.compute_gflops > 0 for r in rounds.rounds)
     measurement = gate._measurement(engine, 1, rounds.rounds, 32)
     assert measurement.compute_gflops == pytest.approx(statistics.median(r.compute_gflops for r in rounds.rounds))
+
+
+def test_the_host_profile_is_loaded_before_any_suite_allocates(monkeypatch, tmp_path):
+    """The host accuracy probes' profile (a calibration when there is none) comes before the kernel and decode
+    suites make their operands, as `perfsim calibrate` runs in a process of its own; not at all when no host
+    accuracy probe is selected."""
+    events = []
+    monkeypatch.setattr(gate.Host, "profile", lambda self: events.append("profile"))
+
+    def suite_of(suite, names):
+        def measure(name):
+            events.append(name)
+            return gate.Sample(1.0, spread=0.001, rounds=15, total_rounds=15)
+        return ("fake " + suite, lambda host: [gate.Probe(name(host), "fake", "higher", "relative", lambda name=name: measure(name(host)))
+                                            for name in names])
+
+    monkeypatch.setitem(gate.SUITES, "kernels", suite_of("kernels", [lambda host: "kernels.k"]))
+    monkeypatch.setitem(gate.SUITES, "decode", suite_of("decode", [lambda host: "decode.d"]))
+    monkeypatch.setitem(gate.SUITES, "accuracy", suite_of("accuracy", [lambda host: gate._host_accuracy_name(host, 256)]))
+    host_metric = gate._host_accuracy_name(gate.Host(), 256)
+    assert gate_run(tmp_path / "b.json", update=True, runs=1, suites=("kernels", "decode", "accuracy")) == 0
+    assert events == ["profile", "kernels.k", "decode.d", host_metric]
+    events.clear()
+    assert gate_run(tmp_path / "c.json", update=True, runs=1, suites=("kernels", "decode", "accuracy"), metrics=["kernels.*"]) == 0
+    assert events == ["kernels.k"]
+
