@@ -230,10 +230,11 @@ def cmd_sweep(args) -> int:
                      kv_cache=args.kv_cache)
     plan = plan_sweep(plan_args, contexts, threads, args.tokens)
     device = load_host_profile(progress=progress_bar, message=_progress)
-    rows = []
+    rows, records = [], []
     for record in run_sweep(device, plan, contexts, threads, args.tokens, args.output, None if args.json else progress_bar):
         if args.json:
             print(json.dumps(record), flush=True)
+        records.append(record)
         g = record["groups"]
         rows.append([record["threads"], record["context"], f"{record['predicted_tokens_per_s']:.2f}", f"{record['measured_tokens_per_s']:.2f}",
                      f"{100 * record['error']:+.1f}%"] + [f"{100 * g[k]['error']:+.1f}%" if k in g else "" for k in ("gemv", "attention", "rest")]
@@ -243,6 +244,12 @@ def cmd_sweep(args) -> int:
                     "rrrrrrrrrr"))
         print("re-run: steps run again because the hypervisor stole vCPU time during them (/proc/stat steal); stolen: what it still took "
               "during the steps kept, over their wall time")
+    from perfsim.compare import memory_state_warning
+
+    for record in records:
+        warning = memory_state_warning(record["memory_state_ratio"], record["threads"])
+        if warning:
+            print(f"at context {record['context']}: {warning}", file=sys.stderr)
     return 0
 
 

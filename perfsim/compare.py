@@ -10,6 +10,7 @@ measured ones, by their interquartile mean. Errors are signed: (predicted - meas
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,37 @@ from functools import cached_property
 from perfsim.device import Device
 from perfsim.measure import Measurement, interquartile_mean
 from perfsim.roofline import BYTES_PER_GB, predict
+
+
+# The run's weights' passes (their median) over the calibration's read bandwidth at the same thread count. Over the
+# fourteenth session's eleven rounds (264 sweep points) it stayed within 0.86-1.08, and the one point beyond 10% was
+# outside this range: round m's Phi-3 Medium at 0.64 (-11.6%). Over 23 gates in a row (fifteenth session, phi-3-mini-8l
+# at contexts 256 and 2048, a fresh calibration each), the 15 within it erred -4.4% to +6.9%, the 8 outside up to +14.2%:
+# 6 calibrated while the host's memory read 7.5-8.5 GB/s on one thread (10.5-12.4 in the others), one whose run found
+# it slow (0.76), one whose calibration's two-thread read ran beside a test suite (9.0 GB/s, 11.7 on one thread).
+MEMORY_STATE_RANGE = (0.8, 1.25)
+
+
+def memory_state_ratio(device: Device, measurement: Measurement) -> float:
+    """The run's weights' passes (median over its steps) over the profile's read bandwidth at its thread count; 0.0
+    when either is unknown."""
+    passes = [gb_s for gb_s in measurement.each_step_stream_gb_s if gb_s > 0]
+    calibrated = device.unit().bandwidth_gb_s_by_threads.get(measurement.threads, 0.0)
+    return statistics.median(passes) / calibrated if passes and calibrated > 0 else 0.0
+
+
+def memory_state_warning(ratio: float, threads: int) -> str:
+    """One line when a run's memory state and its calibration's disagree (ratio outside MEMORY_STATE_RANGE); "" otherwise."""
+    low, high = MEMORY_STATE_RANGE
+    if ratio <= 0 or low <= ratio <= high:
+        return ""
+    if ratio > high:
+        return (f"warning: this run's weights read {ratio:.2f}x the calibration's bandwidth at {threads} thread(s): the calibration "
+                "ran in a slower state of the host (predictions from such a profile have over-predicted tokens/s by up to 14%); "
+                "re-run 'perfsim calibrate' while the host is in its usual state")
+    return (f"warning: this run's weights read {ratio:.2f}x the calibration's bandwidth at {threads} thread(s): the host's memory "
+            "was in a slower state during this run than when calibrated (such runs have been under-predicted by up to 12%); "
+            "measure again")
 
 
 def _error(predicted_s: float, measured_s: float) -> float | None:
@@ -47,6 +79,11 @@ class Comparison:
     device: Device  # the calibrated profile, before the run's own passes and probes
     measurement: Measurement
     predictions: tuple  # one Prediction per measured step, in step order
+
+    @property
+    def memory_state_ratio(self) -> float:
+        """The run's weights' passes over the calibration's read bandwidth (perfsim.compare.memory_state_ratio)."""
+        return memory_state_ratio(self.device, self.measurement)
 
     @property
     def predicted_step_s(self) -> list:

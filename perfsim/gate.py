@@ -457,7 +457,7 @@ def _host_accuracy_probe(host: Host, context: int) -> Probe:
     calls = []
 
     def measure() -> Sample:
-        from perfsim.compare import compare
+        from perfsim.compare import compare, memory_state_ratio, memory_state_warning
 
         profile, engine = host.profile(), host.engine()
         rounds = decode_rounds(host, context, fresh=bool(calls))
@@ -467,9 +467,11 @@ def _host_accuracy_probe(host: Host, context: int) -> Probe:
             return compare(profile, _measurement(engine, threads, [r], context)).tokens_per_s_error
 
         whole = _measurement(engine, threads, rounds.used, context)
+        state_ratio = memory_state_ratio(profile, whole)
         return rounds.sample(error, measured_tokens_per_s=whole.decode_tokens_per_s,
                              profile_bandwidth_gb_s=profile.unit().bandwidth_gb_s_by_threads.get(threads),
-                             error_with_profile_bandwidth=compare(profile, whole, same_run_host=False).tokens_per_s_error)
+                             error_with_profile_bandwidth=compare(profile, whole, same_run_host=False).tokens_per_s_error,
+                             memory_state_ratio=state_ratio, warning=memory_state_warning(state_ratio, threads))
 
     return Probe(_host_accuracy_name(host, context),
                  f"signed error (predicted - measured) / measured of decode tokens/s on this host (perfsim.compare, with the "
@@ -870,6 +872,8 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machin
             if row.sample.busy:
                 row.add_note(
                     f"busy: only {row.sample.detail.get('clean_rounds', 0)} clean rounds of {row.sample.total_rounds}")
+            if row.sample.detail.get("warning"):
+                row.add_note(row.sample.detail["warning"])
             rows.append(row)
         for name in sorted(entries):
             if name.split(".")[0] == suite and _selected(name, patterns) and name not in produced:
@@ -935,6 +939,8 @@ def _update(host: Host, suite_names, patterns, path: Path, machine: dict, runs: 
         if busy_runs:
             row.add_note(
                 f"{busy_runs} of {len(samples[name])} runs had too few clean rounds (busy)" + (", left out" if used is clean else ""))
+        for warning in sorted({s.detail["warning"] for s in samples[name] if s.detail.get("warning")}):
+            row.add_note(warning)
         rows.append(row)
         entries[name] = {"value": value, "tolerance": tolerance, "direction": probe.direction, "tolerance_kind": probe.tolerance,
                          "display": probe.display, "spread": spread, "run_values": values,

@@ -203,7 +203,8 @@ def comparison_record(c) -> dict:
             "gemv_attention_rest": coarse_groups(c),
         },
         host_profile={"path": c.device.path, "calibration": c.device.calibration,
-                      "compute_probe_gflops": c.device.unit().compute_probe_gflops_by_threads.get(c.measurement.threads)},
+                      "compute_probe_gflops": c.device.unit().compute_probe_gflops_by_threads.get(c.measurement.threads),
+                      "memory_state_ratio": c.memory_state_ratio},
     )
     return record
 
@@ -242,8 +243,10 @@ def format_comparison(c) -> str:
         f"{1e3 * predicted_steps[0]:.2f}-{1e3 * predicted_steps[-1]:.2f} ms (each step predicted for the host as measured before it)",
         host_state_text(m.each_step_stream_gb_s, m.each_step_kv_stream_gb_s, m.each_step_compute_gflops,
                         c.device.unit().compute_probe_gflops_by_threads.get(m.threads, 0.0)),
-        "",
     ]
+    from perfsim.compare import memory_state_warning
+
+    lines += [line for line in (memory_state_warning(c.memory_state_ratio, m.threads),) if line] + [""]
     rows = [[g["kind"], f"{1e3 * g['predicted_s']:.3f}", f"{1e3 * g['measured_s']:.3f}", f"{100 * g['error']:+.1f}%", g["bound"],
              f"{100 * g['measured_memory_roof_fraction']:.0f}%"] for g in c.group_rows()]
     lines.append(table(["op group", "predicted ms", "measured ms", "error", "bound (predicted)", "of memory roof (measured)"], rows, "lrrrlr"))

@@ -74,6 +74,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "compute_gflops": measurement.compute_gflops,
                 "step_compute_gflops": list(measurement.step_compute_gflops),
                 "calibrated_compute_gflops": device.unit().compute_probe_gflops_by_threads.get(t),
+                "memory_state_ratio": comparison.memory_state_ratio,
                 "seconds": time.perf_counter() - start,
             }
             if out:

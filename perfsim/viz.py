@@ -452,6 +452,14 @@ def host_state_text(record: dict) -> str:
                       measured.get("step_compute_gflops") or [], (record.get("host_profile") or {}).get("compute_probe_gflops") or 0.0)
 
 
+def memory_state_text(record: dict) -> str:
+    """The warning when the run's weights' passes and the calibration's read bandwidth disagree
+    (perfsim.compare.memory_state_warning); "" when they agree or the record has no ratio."""
+    from perfsim.compare import memory_state_warning
+
+    return memory_state_warning((record.get("host_profile") or {}).get("memory_state_ratio") or 0.0, record["measured"]["threads"])
+
+
 def host_config_text(record: dict) -> str:
     quant = record["quant"] if isinstance(record["quant"], dict) else {"weights": record["quant"]}
     parts = ", ".join(f"{k} {v}" for k, v in quant.items())

@@ -239,7 +239,8 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
 
     gguf = tmp_path / "tiny.gguf"
     write_random_phi3_gguf(gguf, Phi3Arch(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=320, n_ctx=128), "q4_0", seed=0)
-    calibrate.host_profile_path().write_text(yaml.safe_dump(fake_profile()))
+    # a calibration at 1000 GB/s: every point's weights' pass reads far below it, and each says so
+    calibrate.host_profile_path().write_text(yaml.safe_dump(fake_profile(bandwidth_gb_s=1000.0)))
     output = tmp_path / "sweep.jsonl"
     command = [sys.executable, "-m", "perfsim", "sweep", "--gguf", str(gguf), "--threads", "1", "--tokens", "2", "--output", str(output)]
     result = subprocess.run(command + ["--contexts", "16,32"], capture_output=True, text=True, timeout=600)
@@ -260,6 +261,9 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
         assert len(r["step_seconds"]) == len(r["step_stream_gb_s"]) == len(r["step_steal_s"]) == len(r["step_compute_gflops"]) == 2
         assert r["compute_gflops"] == pytest.approx(statistics.median(r["step_compute_gflops"])) and r["compute_gflops"] > 0
         assert r["stolen_fraction"] == pytest.approx(sum(r["step_steal_s"]) / sum(r["step_seconds"]))
+        assert r["memory_state_ratio"] == pytest.approx(statistics.median(r["step_stream_gb_s"]) / 1000.0)
+    warnings = [line for line in result.stderr.splitlines() if "the calibration's bandwidth at 1 thread(s)" in line]
+    assert [w.split(":")[0] for w in warnings] == ["at context 16", "at context 32"] and "slower state during this run" in warnings[0]
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1"]]
     assert "re-run" in result.stdout and [row[1] for row in rows] == ["16", "32"]
     assert [int(row[8]) for row in rows] == [len(r["set_aside_step_seconds"]) for r in records]
@@ -384,6 +388,32 @@ def test_comparison_errors_are_signed_relative_to_the_measurement():
     text = format_comparison(compare(device_from_data(data, "fake.yaml"), probed))
     assert "compute probe 66-110 GFLOP/s (calibration: 105; GEMV and attention compute roofs scaled by the ratio)" in text
     assert {op["name"] for op in record["error"]["ops"]} == {op["name"] for op in record["measured"]["ops"]}
+
+
+def test_a_run_whose_memory_state_differs_from_its_calibrations_says_so():
+    """The run's weights' passes over the profile's read bandwidth at its thread count: outside 0.8-1.25 the
+    text says which of the two found the host slower, and the record carries the ratio."""
+    from perfsim.compare import memory_state_ratio
+    from perfsim.device import device_from_data
+    from perfsim.report import format_comparison
+
+    device = device_from_data(fake_profile(bandwidth_gb_s=20.0), "fake.yaml")
+    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
+    texts = {}
+    for passes, ratio in (((29.0, 30.0, 30.0, 31.0), 1.5), ((19.0, 21.0, 20.0, 20.5), 1.0125), ((12.0, 11.0, 12.0, 30.0), 0.6)):
+        c = compare(device, dataclasses.replace(measurement, step_stream_gb_s=passes))
+        assert c.memory_state_ratio == pytest.approx(ratio) == memory_state_ratio(device, c.measurement)
+        assert json.loads(json.dumps(comparison_record(c)))["host_profile"]["memory_state_ratio"] == pytest.approx(ratio)
+        texts[ratio] = format_comparison(c)
+    assert "warning: this run's weights read 1.50x the calibration's bandwidth at 1 thread(s): the calibration ran in a slower state" in texts[1.5]
+    assert "warning: this run's weights read 0.60x the calibration's bandwidth at 1 thread(s): the host's memory was in a slower state" in texts[0.6]
+    assert "warning" not in texts[1.0125]
+    # a profile without the thread count's bandwidth: no ratio, no warning
+    data = fake_profile(bandwidth_gb_s=20.0)
+    data["units"]["cpu"]["bandwidth_gb_s_by_threads"] = {2: 20.0}
+    data["units"]["cpu"]["single_thread_bandwidth_gb_s"] = 10.0
+    c = compare(device_from_data(data, "fake.yaml"), dataclasses.replace(measurement, step_stream_gb_s=(28.0, 29.0, 30.0, 31.0)))
+    assert c.memory_state_ratio == 0.0 and "warning" not in format_comparison(c)
 
 
 def test_the_kv_bytes_of_a_run_stream_at_its_kv_pass_and_the_rest_at_its_streaming_pass():

@@ -353,6 +353,14 @@ def test_host_page_says_how_the_passes_and_probes_before_the_steps_found_the_hos
     assert not at.exception and not at.error
     assert ("host as measured before each step: weights read 10.0-12.5 GB/s, K/V read 8.0-9.0 GB/s, compute probe 50-56 GFLOP/s "
             "(calibration: 55; GEMV and attention compute roofs scaled by the ratio)") in [c.value for c in at.caption]
+    assert not at.warning  # no ratio in the record: no warning
+    record["measured"]["threads"] = 2  # as measurement_record has it
+    record["host_profile"]["memory_state_ratio"] = 1.5  # the weights read 1.5x the calibration's bandwidth
+    at = upload_host_json(page("Host profile").run(), record)
+    assert [w.value for w in at.warning] == [viz.memory_state_text(record)]
+    assert at.warning[0].value.startswith("warning: this run's weights read 1.50x the calibration's bandwidth at 2 thread(s)")
+    record["host_profile"]["memory_state_ratio"] = 1.1
+    assert not upload_host_json(page("Host profile").run(), record).warning
 
 
 def test_host_page_refuses_a_profile_from_another_version():

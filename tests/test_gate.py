@@ -4,6 +4,7 @@ is made 1.5x slower."""
 
 import argparse
 import dataclasses
+import io
 import json
 import statistics
 import time
@@ -410,3 +411,15 @@ def test_the_host_profile_is_loaded_before_any_suite_allocates(monkeypatch, tmp_
     assert gate_run(tmp_path / "c.json", update=True, runs=1, suites=("kernels", "decode", "accuracy"), metrics=["kernels.*"]) == 0
     assert events == ["kernels.k"]
 
+
+def test_a_samples_warning_becomes_its_rows_note(monkeypatch, tmp_path):
+    """The host accuracy probes put a warning in their sample when the run's memory state and the calibration's
+    disagree (perfsim.compare.memory_state_warning); it reaches the row's note, in a check and in an update."""
+    sample = gate.Sample(0.01, spread=0.001, rounds=15, total_rounds=15, detail={"warning": "warning: calibrated in a slower state"})
+    monkeypatch.setitem(gate.SUITES, "warned", ("fake", lambda host: [gate.Probe("warned.error", "fake", "abs_lower", "absolute",
+                                                                                  lambda: sample, display="error")]))
+    path, json_path, out = tmp_path / "b.json", tmp_path / "r.json", io.StringIO()
+    assert gate.run_gate(["warned"], path, True, None, None, False, None, runs=2, out=out) == 0
+    assert "warning: calibrated in a slower state" in out.getvalue()
+    assert gate.run_gate(["warned"], path, False, json_path, None, False, None, out=io.StringIO()) == 0
+    assert json.loads(json_path.read_text())["metrics"][0]["note"] == "warning: calibrated in a slower state"

@@ -43,6 +43,8 @@ error_column.metric("Error of tokens/s", f"{100 * record['error']['decode_tokens
                     help="(predicted - measured) / measured: positive means the roofline promises more speed than the host delivers")
 if host_state := viz.host_state_text(record):
     st.caption(host_state)
+if memory_state := viz.memory_state_text(record):
+    st.warning(memory_state)
 st.plotly_chart(common.host_figure(*source), key="host_groups")
 st.subheader("Per op group")
 st.dataframe(viz.host_group_rows(record), hide_index=True, column_config={
