@@ -792,7 +792,7 @@ def run_gate(suites: list[str] | None, baseline_path, update_baseline: bool, jso
     notes = notes + _noise_notes(rows)
     print(format_table(rows, update_baseline), file=out)
     print("", file=out)
-    for line in summary + notes:
+    for line in summary + notes + [f"{r.name}: {r.note}" for r in rows if r.note and not update_baseline]:  # an update's table has them
         print(line, file=out)
     report = {
         "verdict": "baseline written" if update_baseline else ("fail" if failed else "pass"), "exit_code": exit_code,

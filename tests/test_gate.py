@@ -421,5 +421,7 @@ def test_a_samples_warning_becomes_its_rows_note(monkeypatch, tmp_path):
     path, json_path, out = tmp_path / "b.json", tmp_path / "r.json", io.StringIO()
     assert gate.run_gate(["warned"], path, True, None, None, False, None, runs=2, out=out) == 0
     assert "warning: calibrated in a slower state" in out.getvalue()
-    assert gate.run_gate(["warned"], path, False, json_path, None, False, None, out=io.StringIO()) == 0
+    out = io.StringIO()
+    assert gate.run_gate(["warned"], path, False, json_path, None, False, None, out=out) == 0
     assert json.loads(json_path.read_text())["metrics"][0]["note"] == "warning: calibrated in a slower state"
+    assert "warned.error: warning: calibrated in a slower state" in out.getvalue().splitlines()  # beside the table, whose columns have no notes
