@@ -22,10 +22,11 @@ from perfsim.roofline import BYTES_PER_GB, predict
 
 # The run's weights' passes (their median) over the calibration's read bandwidth at the same thread count. Of the
 # fourteenth session's 264 sweep points (eleven rounds), 250 were within this range (0.86-1.08); the 14 outside, all
-# of round m's Phi-3 Small and Medium (0.64-0.73), erred -11.6% to +1.6%, 13 of them under-predicted. Over 23 gates in a row (fifteenth session, phi-3-mini-8l
-# at contexts 256 and 2048, a fresh calibration each), the 15 within it erred -4.4% to +6.9%, the 8 outside up to +14.2%:
-# 6 calibrated while the host's memory read 7.5-8.5 GB/s on one thread (10.5-12.4 in the others), one whose run found
-# it slow (0.76), one whose calibration's two-thread read ran beside a test suite (9.0 GB/s, 11.7 on one thread).
+# of round m's Phi-3 Small and Medium (0.64-0.73), erred -11.6% to +1.6%, 13 of them under-predicted. Over 23 gates
+# in a row (fifteenth session, phi-3-mini-8l at contexts 256 and 2048, a fresh calibration each), the 15 within it
+# erred -4.4% to +6.9%, the 8 outside up to +14.2%: 6 calibrated while the host's memory read 7.5-8.5 GB/s on one
+# thread (10.5-12.4 in the others), one whose run found it slow (0.76), one whose calibration's two-thread read ran
+# beside a test suite (9.0 GB/s, 11.7 on one thread).
 MEMORY_STATE_RANGE = (0.8, 1.25)
 
 

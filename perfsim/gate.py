@@ -756,9 +756,9 @@ def run_gate(suites: list[str] | None, baseline_path, update_baseline: bool, jso
             # as `perfsim calibrate`, profile and sweep do. Calibrated last, after the kernel fixtures and the decode
             # engine, 3 of 11 gates (whose runs saw the memory state their calibration did) fitted the q4_0 GEMVs'
             # fixed cost at 0-17 us, their calls' time beyond the weights' pass scattering -380 to +300 us from one
-            # op to the next; 35-49 us in the other 8, 36-54 in the 4 calibrated first, 30-51 in 25 `perfsim calibrate` runs.
-            # A Mini sweep on one such profile came out +5.1% to +9.5% at every point. 3 of the last 4 CI gates'
-            # calibrations had fitted q4_0 unusually (0 us at overlap 0.25-0.37; 7-22 us; 71-94 us).
+            # op to the next; 35-49 us in the other 8, 36-54 in the 4 calibrated first, 30-51 in 25 `perfsim
+            # calibrate` runs. A Mini sweep on one such profile came out +5.1% to +9.5% at every point. 3 of the
+            # last 4 CI gates' calibrations had fitted q4_0 unusually (0 us at overlap 0.25-0.37; 7-22 us; 71-94 us).
             host.profile()
         if update_baseline:
             rows, notes = _update(host, suite_names, metrics, path, machine, runs, load_start, tell)

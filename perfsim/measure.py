@@ -235,7 +235,8 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     in the step: perfsim.compare predicts each step with the memory roofs of its own passes, its compute
     roofs scaled by its own compute probe and its fixed costs by its own cold-call probe
     (with_same_run_host). Other VMs share this host's DRAM, and its bandwidth drifts by 10-30% over a
-    minute; a roof taken before and after 16 steps missed that drift. A step the hypervisor stole time from is run again (timed_step)."""
+    minute; a roof taken before and after 16 steps missed that drift. A step the hypervisor stole time
+    from is run again (timed_step)."""
     from perfsim.kernels.jit import set_threads
 
     set_threads(threads)
@@ -394,8 +395,8 @@ def compute_probe_gflops(threads: int) -> float:
     This host's compute speed changes state while its memory reads on as before. Measured here
     (2026-11-28, 5 slopes at a time, 40 times over 5 minutes): on two threads the probe read ~57, ~76 or
     ~111 GFLOP/s, holding one level for a second or more (57 is the one-thread roof: two threads doing
-    the work of one, as if the two vCPUs shared a core); on one thread 56, and now and then 22-36. The memory-bound streaming
-    pass does not see it; compute-heavy kernels do. Over 70 steps of Phi-3 Small at context 4000 on two
+    the work of one, as if the two vCPUs shared a core); on one thread 56, and now and then 22-36. The
+    memory-bound streaming pass does not see it; compute-heavy kernels do. Over 70 steps of Phi-3 Small at context 4000 on two
     threads, this probe taken before each step, in blocks of 5 steps, the GEMVs' and attention's speed
     followed the block's mean probe (correlation 0.84 each). A probe taken once before and once after a
     whole point (calibration v32) read either level for all its steps. perfsim.compare scales every

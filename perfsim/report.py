@@ -246,7 +246,8 @@ def format_comparison(c) -> str:
     ]
     from perfsim.compare import memory_state_warning
 
-    lines += [line for line in (memory_state_warning(c.memory_state_ratio, m.threads),) if line] + [""]
+    warning = memory_state_warning(c.memory_state_ratio, m.threads)
+    lines += ([warning] if warning else []) + [""]
     rows = [[g["kind"], f"{1e3 * g['predicted_s']:.3f}", f"{1e3 * g['measured_s']:.3f}", f"{100 * g['error']:+.1f}%", g["bound"],
              f"{100 * g['measured_memory_roof_fraction']:.0f}%"] for g in c.group_rows()]
     lines.append(table(["op group", "predicted ms", "measured ms", "error", "bound (predicted)", "of memory roof (measured)"], rows, "lrrrlr"))

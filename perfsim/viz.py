@@ -457,8 +457,7 @@ def memory_state_text(record: dict) -> str:
     (perfsim.compare.memory_state_warning); "" when they agree or the record has no ratio."""
     from perfsim.compare import memory_state_warning
 
-    ratio = (record.get("host_profile") or {}).get("memory_state_ratio") or 0.0
-    return memory_state_warning(ratio, record["measured"].get("threads", 0)) if ratio else ""
+    return memory_state_warning((record.get("host_profile") or {}).get("memory_state_ratio") or 0.0, record["measured"].get("threads", 0))
 
 
 def host_config_text(record: dict) -> str:
