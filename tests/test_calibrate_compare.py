@@ -234,6 +234,83 @@ def test_a_step_disturbed_every_time_is_kept_after_its_retries_with_what_was_sto
     assert measurement_record(measurement)["stolen_fraction"] == pytest.approx(measurement.stolen_fraction)
 
 
+def _recorded_steps(monkeypatch):
+    """Session.step wrapped to record (session, position, token, next token, Numba threads) of every call,
+    and Engine.session to record the contexts sessions are made for."""
+    from perfsim import engine as engine_module
+    from perfsim.kernels.jit import threads_in_use
+
+    real_step, real_session, calls, sessions = engine_module.Session.step, engine_module.Engine.session, [], []
+
+    def step(self, token):
+        position = self.position
+        out = real_step(self, token)
+        calls.append((id(self), position, token, self.next_token, threads_in_use()))
+        return out
+
+    def session(self, max_context):
+        sessions.append(max_context)
+        return real_session(self, max_context)
+
+    monkeypatch.setattr(engine_module.Session, "step", step)
+    monkeypatch.setattr(engine_module.Engine, "session", session)
+    return calls, sessions
+
+
+def test_a_sweeps_points_take_their_steps_in_turn_and_decode_what_they_would_alone(monkeypatch):
+    from perfsim.measure import available_threads, measure_interleaved
+
+    engine, n_tokens = Engine.random(TINY, "q4_0", "f16"), 3
+    calls, sessions = _recorded_steps(monkeypatch)
+    alone = measure_decode(engine, context=32, n_tokens=n_tokens, threads=1)
+    alone_calls = [c[1:4] for c in calls[1:]]  # after its warm-up
+    calls.clear()
+    sessions.clear()
+
+    most = available_threads()
+    points = [(1, 24), (1, 32), (most, 24), (most, 32)]
+    measured = measure_interleaved(engine, points, n_tokens)
+    assert sessions == [24, 32]  # one K/V cache a context, whatever the threads
+    warmups, steps = calls[:4], calls[4:]
+    assert [c[1] for c in warmups] == [21, 29, 21, 29] and [c[4] for c in warmups] == [1, 1, most, most]
+    # every point's first token, then every point's second, ...
+    assert len(steps) == n_tokens * len(points)
+    for k in range(n_tokens):
+        turn = steps[k * len(points):(k + 1) * len(points)]
+        assert [c[1] for c in turn] == [21 + k, 29 + k, 21 + k, 29 + k] and [c[4] for c in turn] == [1, 1, most, most]
+    # each point decodes the tokens it decodes alone, at the same positions
+    for i, (threads, context) in enumerate(points):
+        own = [c[1:4] for c in steps[i::len(points)]]
+        if context == 32:
+            assert own == alone_calls
+        m, seconds = measured[i]
+        assert (m.threads, m.contexts, len(m.step_seconds)) == (threads, tuple(range(context - n_tokens + 1, context + 1)), n_tokens)
+        assert seconds > sum(m.step_seconds) and len(m.step_stream_gb_s) == len(m.step_compute_gflops) == n_tokens
+    assert measured[1][0].contexts == alone.contexts
+
+
+def test_a_sweep_is_refused_when_the_host_cannot_hold_a_cache_for_every_context_at_once(monkeypatch):
+    import psutil
+
+    from perfsim.measure import check_sweep
+    from perfsim.model import resolve_model
+    from perfsim.quant import Formats, quant_format
+    from perfsim.workload import memory_footprint
+
+    mini = resolve_model("phi-3-mini")
+    formats = Formats(weights=quant_format("q4_0"))
+    longest = memory_footprint(mini, formats, 4096)
+    # room for the weights and the longest context's cache, not for a second cache at 2048 too
+    available = (longest.total_bytes + memory_footprint(mini, formats, 2048).kv_cache_bytes / 2) / 0.9
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": available})())
+    check_sweep(mini, formats, [4096], 16)
+    check_sweep(mini, formats, [4096, 4096], 16)  # one cache a context
+    with pytest.raises(UserError) as refused:
+        check_sweep(mini, formats, [4096, 2048], 16)
+    message = str(refused.value)
+    assert "\n" not in message and "2048, 4096" in message and f"{available / 1e9:.1f} GB available" in message
+
+
 def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
     from perfsim.gguf_io import Phi3Arch, write_random_phi3_gguf
 
