@@ -234,6 +234,27 @@ def test_a_step_disturbed_every_time_is_kept_after_its_retries_with_what_was_sto
     assert measurement_record(measurement)["stolen_fraction"] == pytest.approx(measurement.stolen_fraction)
 
 
+def test_a_step_whose_passes_the_hypervisor_stole_from_is_run_again_passes_included(monkeypatch):
+    """Steal during the probes and passes before the first measured step (not during the step): that step,
+    passes included, is run again; what the step itself had stolen stays 0."""
+    from perfsim import measure
+
+    real_before, stolen, calls = measure.host_before_step, [10.0], []
+
+    def host_before_step(threads, session):
+        calls.append(session.position)
+        out = real_before(threads, session)
+        if len(calls) == 1:
+            stolen[0] += 0.02
+        return out
+
+    monkeypatch.setattr(measure, "host_before_step", host_before_step)
+    monkeypatch.setattr(measure, "stolen_cpu_s", lambda: stolen[0])
+    m = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
+    assert calls == [28, 28, 29, 30, 31]
+    assert len(m.set_aside_step_seconds) == 1 and m.step_steal_s == (0.0,) * 4 and len(m.step_stream_gb_s) == 4
+
+
 def _recorded_steps(monkeypatch):
     """Session.step wrapped to record (session, position, token, next token, Numba threads) of every call,
     and Engine.session to record the contexts sessions are made for."""
