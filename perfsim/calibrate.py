@@ -39,7 +39,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 36  # bump whenever what is measured changes (v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 37  # bump whenever what is measured changes (v37: steal during a decode step's probes and passes re-runs it; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
