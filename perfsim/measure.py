@@ -163,31 +163,18 @@ def check_threads(threads: int | None) -> int:
 
 def check_run(model: ModelSpec, formats: Formats, context: int, n_tokens: int) -> None:
     """Bad options and a host too small are refused before anything is allocated."""
+    import psutil
+
     if n_tokens < 1:
         raise UserError(f"--tokens must be at least 1, got {n_tokens}")
     check_context(model, context)
     if n_tokens > context:
         raise UserError(f"--tokens ({n_tokens}) cannot exceed --context ({context}): the measured tokens end at the context")
-    _check_fits(model, memory_footprint(model, formats, context).total_bytes, f"{formats.weights.name} weights + KV cache at {context}")
-
-
-def check_sweep(model: ModelSpec, formats: Formats, contexts: list, n_tokens: int) -> None:
-    """check_run of each context, and of all of them at once: a sweep keeps a KV cache per context
-    (measure_interleaved)."""
-    for context in contexts:
-        check_run(model, formats, context, n_tokens)
-    distinct = sorted(set(contexts))
-    needed = memory_footprint(model, formats, distinct[-1]).total_bytes + sum(
-        memory_footprint(model, formats, c).kv_cache_bytes for c in distinct[:-1])
-    _check_fits(model, needed, f"{formats.weights.name} weights + a KV cache at each of the contexts {', '.join(map(str, distinct))}")
-
-
-def _check_fits(model: ModelSpec, needed_bytes: int, what: str) -> None:
-    import psutil
-
+    needed = memory_footprint(model, formats, context).total_bytes
     available = psutil.virtual_memory().available
-    if needed_bytes > 0.9 * available:
-        raise UserError(f"{model.name} needs {needed_bytes / 1e9:.1f} GB ({what}) but this host has {available / 1e9:.1f} GB available")
+    if needed > 0.9 * available:
+        raise UserError(f"{model.name} needs {needed / 1e9:.1f} GB ({formats.weights.name} weights + KV cache at {context}) "
+                        f"but this host has {available / 1e9:.1f} GB available")
 
 
 # A step the hypervisor took vCPU time from (steal) is run again, from the same position with the same
@@ -244,71 +231,6 @@ def timed_step(session, token: int, threads: int) -> TimedStep:
         set_aside.append(seconds)
 
 
-class PointRun:
-    """One measured point (a thread count and a context) under way: its session, where its tokens are, the
-    steps timed so far. A sweep interleaves its points' steps (measure_interleaved); measure_decode runs one
-    point's steps in a row."""
-
-    def __init__(self, session, context: int, n_tokens: int, threads: int, load_s: float = 0.0):
-        from perfsim.kernels.jit import set_threads
-
-        self.session, self.context, self.n_tokens, self.threads, self.load_s = session, context, n_tokens, threads, load_s
-        self.first = context - n_tokens
-        set_threads(threads)
-        session.position = self.first
-        start = time.perf_counter()
-        session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
-        self.warmup_step_s = time.perf_counter() - start
-        session.position = self.first
-        read_kv_pass_gb_s(threads, session)
-        read_pass_gb_s(threads, session)  # compile or load the streaming kernel, fault its buffer in
-        cold_call_probe_us()
-        compute_probe_gflops(threads)
-        self.position, self.token, self.steps = self.first, 1, []
-        self.ops = {name: [] for name in session.op_seconds}
-        self.seconds = time.perf_counter() - start  # wall time of its steps, their probes and passes included
-
-    def step(self) -> None:
-        """Its next token, timed (timed_step); the session may have run other points' steps in between."""
-        from perfsim.kernels.jit import set_threads
-
-        start = time.perf_counter()
-        set_threads(self.threads)
-        session = self.session
-        session.position = self.position
-        self.steps.append(timed_step(session, self.token, self.threads))
-        self.position, self.token = session.position, session.next_token
-        for name, seconds in session.op_seconds.items():
-            self.ops[name].append(seconds)
-        self.seconds += time.perf_counter() - start
-
-    def measurement(self) -> Measurement:
-        steps, engine = self.steps, self.session.engine
-        return Measurement(
-            model=engine.model,
-            formats=engine.formats,
-            threads=self.threads,
-            contexts=tuple(range(self.first + 1, self.first + len(steps) + 1)),
-            step_seconds=tuple(s.seconds for s in steps),
-            op_seconds={name: tuple(v) for name, v in self.ops.items()},
-            load_s=self.load_s,
-            warmup_s=max(self.warmup_step_s - interquartile_mean(s.seconds for s in steps), 0.0),
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            weights_origin=engine.weights.origin,
-            stream_gb_s=statistics.median(s.stream_gb_s for s in steps),
-            step_stream_gb_s=tuple(s.stream_gb_s for s in steps),
-            kv_stream_gb_s=statistics.median(s.kv_stream_gb_s for s in steps),
-            step_kv_stream_gb_s=tuple(s.kv_stream_gb_s for s in steps),
-            compute_gflops=statistics.median(s.compute_gflops for s in steps),
-            step_compute_gflops=tuple(s.compute_gflops for s in steps),
-            cold_call_us=statistics.median(s.cold_call_us for s in steps),
-            step_cold_call_us=tuple(s.cold_call_us for s in steps),
-            step_page_faults=tuple(s.page_faults for s in steps),
-            step_steal_s=tuple(s.steal_s for s in steps),
-            set_aside_step_seconds=tuple(seconds for s in steps for seconds in s.set_aside_s),
-        )
-
-
 def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: float = 0.0, seed: int = 0) -> Measurement:
     """Decode n_tokens ending at `context` with `threads` Numba threads; one warm-up step first.
 
@@ -319,39 +241,49 @@ def measure_decode(engine, context: int, n_tokens: int, threads: int, load_s: fl
     (with_same_run_host). Other VMs share this host's DRAM, and its bandwidth drifts by 10-30% over a
     minute; a roof taken before and after 16 steps missed that drift. A step the hypervisor stole time
     from is run again (timed_step)."""
+    from perfsim.kernels.jit import set_threads
+
+    set_threads(threads)
+    first = context - n_tokens
     session = engine.session(context)
-    session.fill_cache(context - n_tokens, seed)
-    run = PointRun(session, context, n_tokens, threads, load_s)
+    session.fill_cache(first, seed)
+    start = time.perf_counter()
+    session.step(1)  # warm-up: compiles or loads the kernels from Numba's cache, faults pages in
+    warmup_step_s = time.perf_counter() - start
+    session.position = first
+    read_kv_pass_gb_s(threads, session)
+    read_pass_gb_s(threads, session)  # compile or load the streaming kernel, fault its buffer in
+    cold_call_probe_us()
+    compute_probe_gflops(threads)
+    token, steps, ops = 1, [], {name: [] for name in session.op_seconds}
     for _ in range(n_tokens):
-        run.step()
-    return run.measurement()
-
-
-def measure_interleaved(engine, points: list, n_tokens: int, seed: int = 0, progress=None) -> list:
-    """[(Measurement, seconds)] of each (threads, context) of `points`, their steps taken in turn: every point's
-    first token, then every point's second, and so on; points at one context share its session (and K/V cache).
-
-    Why in turn: the host's state changes for seconds at a time in ways no probe before a step follows.
-    In the fifteenth session's round u, Phi-3 Mini on two threads at context 128 ran 12 of its 16 steps in a
-    row 10-20% slower than their own passes and probes predicted (2.5 s), then 4 as predicted: the point
-    erred +14.6%, and Phi-3 Small's first two-thread point +16.0% the same way. Taken in turn, a point's
-    steps spread over the whole sweep, and a few seconds' state reaches one or two of them, which the
-    interquartile mean of its steps leaves out."""
-    sessions, runs = {}, []
-    for threads, context in points:
-        if context not in sessions:
-            sessions[context] = engine.session(context)
-            sessions[context].fill_cache(context - n_tokens, seed)
-        runs.append(PointRun(sessions[context], context, n_tokens, threads))
-    total = n_tokens * len(runs)
-    for k in range(n_tokens):
-        for i, run in enumerate(runs):
-            if progress:
-                progress(k * len(runs) + i, total, f"token {k + 1}/{n_tokens}: {run.threads} threads, context {run.context}")
-            run.step()
-    if progress:
-        progress(total, total, "done")
-    return [(run.measurement(), run.seconds) for run in runs]
+        steps.append(timed_step(session, token, threads))
+        token = session.next_token
+        for name, seconds in session.op_seconds.items():
+            ops[name].append(seconds)
+    return Measurement(
+        model=engine.model,
+        formats=engine.formats,
+        threads=threads,
+        contexts=tuple(range(first + 1, context + 1)),
+        step_seconds=tuple(s.seconds for s in steps),
+        op_seconds={name: tuple(v) for name, v in ops.items()},
+        load_s=load_s,
+        warmup_s=max(warmup_step_s - interquartile_mean(s.seconds for s in steps), 0.0),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        weights_origin=engine.weights.origin,
+        stream_gb_s=statistics.median(s.stream_gb_s for s in steps),
+        step_stream_gb_s=tuple(s.stream_gb_s for s in steps),
+        kv_stream_gb_s=statistics.median(s.kv_stream_gb_s for s in steps),
+        step_kv_stream_gb_s=tuple(s.kv_stream_gb_s for s in steps),
+        compute_gflops=statistics.median(s.compute_gflops for s in steps),
+        step_compute_gflops=tuple(s.compute_gflops for s in steps),
+        cold_call_us=statistics.median(s.cold_call_us for s in steps),
+        step_cold_call_us=tuple(s.cold_call_us for s in steps),
+        step_page_faults=tuple(s.page_faults for s in steps),
+        step_steal_s=tuple(s.steal_s for s in steps),
+        set_aside_step_seconds=tuple(seconds for s in steps for seconds in s.set_aside_s),
+    )
 
 
 _STREAM_BUFFER = []

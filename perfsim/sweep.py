@@ -1,17 +1,15 @@
 """`perfsim sweep`: predicted and measured decode over contexts and thread counts, as JSON lines.
 
-The weights are made (or mapped) once; each point then decodes its own tokens at its own context, the
-points taking their steps in turn (perfsim.measure.measure_interleaved)."""
+The weights are made (or mapped) once; each point then decodes its own tokens at its own context."""
 
 from __future__ import annotations
 
 import json
+import time
 
 from perfsim.compare import coarse_group, compare, group_summary
 from perfsim.errors import UserError
-from perfsim.measure import check_sweep, check_threads, measure_interleaved
-from perfsim.kernels.attention import kv_cache_format
-from perfsim.quant import Formats, quant_format
+from perfsim.measure import check_threads, measure_decode
 from perfsim.run import plan_run
 
 
@@ -30,14 +28,10 @@ def sweep_points(contexts: list[int], threads: list[int]) -> list[tuple[int, int
 
 
 def plan_sweep(plan_args: dict, contexts: list[int], threads: list[int], n_tokens: int):
-    """Checks every point, and that the host holds the weights and a KV cache at every context at once,
-    before anything runs; returns the plan of the longest context."""
+    """Checks every point before anything runs; returns the plan of the longest context."""
     for t in threads:
         check_threads(t)
-    plan = [plan_run(context=c, n_tokens=n_tokens, threads=threads[0], **plan_args) for c in sorted(contexts)][-1]
-    if plan.model is not None:
-        check_sweep(plan.model, Formats(weights=quant_format(plan.weight_format), kv_cache=kv_cache_format(plan.kv_cache)), contexts, n_tokens)
-    return plan
+    return [plan_run(context=c, n_tokens=n_tokens, threads=threads[0], **plan_args) for c in sorted(contexts)][-1]
 
 
 def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: int, output_path=None, progress=None):
@@ -46,14 +40,16 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
 
     if plan.gguf_path:
         engine = Engine.from_gguf(plan.gguf_path, plan.kv_cache)
-        check_sweep(engine.model, engine.formats, contexts, n_tokens)  # a GGUF's architecture is known once it is mapped
     else:
         engine = Engine.random(plan.model, plan.weight_format, plan.kv_cache, plan.seed)
     points = sweep_points(contexts, threads)
-    measured = measure_interleaved(engine, points, n_tokens, plan.seed, progress)
     out = open(output_path, "w", encoding="utf-8") if output_path else None
     try:
-        for (t, c), (measurement, seconds) in zip(points, measured):
+        for i, (t, c) in enumerate(points):
+            if progress:
+                progress(i, len(points), f"{t} threads, context {c}")
+            start = time.perf_counter()
+            measurement = measure_decode(engine, c, n_tokens, t)
             comparison = compare(device, measurement)
             step_groups = comparison.step_groups(coarse_group)
             record = {
@@ -79,12 +75,14 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "step_compute_gflops": list(measurement.step_compute_gflops),
                 "calibrated_compute_gflops": device.unit().compute_probe_gflops_by_threads.get(t),
                 "memory_state_ratio": comparison.memory_state_ratio,
-                "seconds": seconds,  # its steps, their probes and passes
+                "seconds": time.perf_counter() - start,
             }
             if out:
                 out.write(json.dumps(record) + "\n")
                 out.flush()
             yield record
+        if progress:
+            progress(len(points), len(points), "done")
     finally:
         if out:
             out.close()
