@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from perfsim import __version__
-from perfsim.device import Device, device_from_data
+from perfsim.device import Device, device_from_data, load_device_file
 from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
@@ -1035,9 +1035,54 @@ def busy_host_warning(device: Device) -> str | None:
             f"its roofs may be too low: run 'perfsim calibrate' again on a quiet host")
 
 
+# A calibration whose streaming read at some thread count came out under this fraction of the previous
+# calibration's on the same machine ran in a slower memory state. Measured on this host (2026-11-28): one-thread
+# reads of 10.5-12.4 GB/s in its usual state (0.85-1.18x one another), 7.3-8.5 in the slow one (0.6-0.8x the usual),
+# which lasted from minutes to half an hour. The fifteenth session's six gates calibrated in it erred up to +14.2%;
+# this session's round a (7.3 GB/s) over-predicted all its 24 points, by up to +13.6%, its sweeps' memory 1.2-1.5x
+# the calibration's: its q4_0 GEMVs' overlap is fitted where their compute hides under slow memory (0.0 and 0.009,
+# against 0.05-0.19 in a usual state).
+SLOW_MEMORY_FRACTION = 0.8
+
+
+def previous_reads(path: Path) -> dict:
+    """The streaming reads and date of the profile at `path` when it was calibrated on this CPU model with these
+    cores (of any calibration version), as the `calibration` fields a new calibration there keeps them in
+    (slow_memory_warning compares with them); {} when there is none, or it is unreadable or another machine's."""
+    try:
+        old = load_device_file(path)
+    except (OSError, UserError):
+        return {}
+    saved, now = old.calibration, host_fingerprint()
+    if not saved or saved.get("cpu_model") != now["cpu_model"] or saved.get("cores") != now["cores"]:
+        return {}
+    return {"previous_bandwidth_gb_s_by_threads": dict(old.unit().bandwidth_gb_s_by_threads), "previous_measured_at": saved["measured_at"]}
+
+
+def slow_memory_warning(device: Device) -> str | None:
+    """A warning when `device`'s streaming read at some thread count came out under SLOW_MEMORY_FRACTION of the
+    previous calibration's on this machine (previous_reads), else None."""
+    previous = device.calibration.get("previous_bandwidth_gb_s_by_threads", {})
+    now = device.unit().bandwidth_gb_s_by_threads
+    ratios = {t: now[t] / previous[t] for t in now if previous.get(t, 0) > 0}
+    slow = [t for t, ratio in ratios.items() if ratio < SLOW_MEMORY_FRACTION]
+    if not slow:
+        return None
+    t = min(slow, key=ratios.get)
+    return (f"warning: this calibration's streaming read came out {now[t]:.1f} GB/s on {t} thread(s), {ratios[t]:.2f}x the previous "
+            f"calibration's {previous[t]:.1f} ({device.calibration.get('previous_measured_at', '?')}): the host's memory was in a slower "
+            "state; predictions from such a profile have over-predicted tokens/s by up to 14% once it was back: run 'perfsim calibrate' "
+            "again later")
+
+
 def calibrate_host(progress=None, path: Path | None = None) -> Device:
+    """Measures the host and writes its profile at `path` (the cache's by default); the streaming reads of the
+    profile it replaces, if that was this machine's, are kept beside the new ones (previous_reads)."""
     path = path or host_profile_path()
-    return write_profile(measure_host(progress), path)
+    previous = previous_reads(path)
+    data = measure_host(progress)
+    data["calibration"].update(previous)
+    return write_profile(data, path)
 
 
 def stale_reason(device: Device) -> str | None:
@@ -1054,9 +1099,8 @@ def stale_reason(device: Device) -> str | None:
 
 def load_host_profile(progress=None, message=None, recalibrate: bool = True) -> Device:
     """The saved host profile; missing, stale or corrupt, it is re-measured (with a message). One
-    calibrated on a busy host is used, with a warning (busy_host_warning) each time."""
-    from perfsim.device import load_device_file
-
+    calibrated on a busy host, or in a slower memory state than the calibration before it, is used with a
+    warning each time (busy_host_warning, slow_memory_warning)."""
     path = host_profile_path()
     tell = message or (lambda text: None)
     device, reason = None, None
@@ -1074,6 +1118,7 @@ def load_host_profile(progress=None, message=None, recalibrate: bool = True) -> 
             raise UserError(f"{reason}; run 'perfsim calibrate'")
         tell(f"{reason}; calibrating this host (under a minute) ...")
         device = calibrate_host(progress, path)
-    if warning := busy_host_warning(device):
-        tell(warning)
+    for warning in (busy_host_warning(device), slow_memory_warning(device)):
+        if warning:
+            tell(warning)
     return device

@@ -301,6 +301,9 @@ def device_from_data(data, where: str) -> Device:
             calibration["other_load_fraction"] = c.number("other_load_fraction", minimum=0)
         if c.data.get("stolen_fraction") is not None:  # vCPU time the hypervisor gave other guests meanwhile (/proc/stat steal)
             calibration["stolen_fraction"] = c.number("stolen_fraction", minimum=0)
+        if c.data.get("previous_bandwidth_gb_s_by_threads") is not None:  # the streaming reads of the calibration it replaced
+            calibration["previous_bandwidth_gb_s_by_threads"] = _numbers_by_threads(c, "previous_bandwidth_gb_s_by_threads")
+            calibration["previous_measured_at"] = c.text("previous_measured_at")
         second_looks = c.items("second_looks", required=False)  # in-cache roofs measured faster a second time
         if not all(isinstance(line, str) for line in second_looks):
             c.fail("second_looks", "expected a list of text lines")

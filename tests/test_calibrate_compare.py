@@ -93,6 +93,43 @@ def test_a_current_profile_is_used_as_it_is(cache, monkeypatch):
     assert calibrate.load_host_profile().peak_bandwidth_gb_s == 33.0
 
 
+def test_a_calibration_in_a_slower_memory_state_than_the_one_before_says_so_each_time_it_is_used(cache, monkeypatch, capsys):
+    from perfsim.cli import main
+
+    path, threads = calibrate.host_profile_path(), range(1, calibrate.host_fingerprint()["cores"] + 1)
+    path.write_text(yaml.safe_dump(fake_profile(bandwidth_gb_s=11.6)))
+    # the read this host's slow memory state gave (7.3 GB/s on one thread against 11.6 before)
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=7.3))
+    assert main(["calibrate"]) == 0
+    device = load_device_file(path)
+    assert device.calibration["previous_bandwidth_gb_s_by_threads"] == {t: 11.6 for t in threads}
+    assert device.calibration["previous_measured_at"] == "2026-01-01T00:00:00+00:00"
+    warning = calibrate.slow_memory_warning(device)
+    assert "7.3 GB/s" in warning and "0.63x the previous calibration's 11.6" in warning
+    assert warning in capsys.readouterr().err
+    messages = []
+    calibrate.load_host_profile(message=messages.append)
+    assert messages == [warning]
+
+    # faster than the one before, or within SLOW_MEMORY_FRACTION of it: no warning; it keeps the slow one's reads
+    for bandwidth_gb_s in (11.0, 0.81 * 11.0):
+        monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=bandwidth_gb_s))
+        previous = load_device_file(path).unit().bandwidth_gb_s_by_threads
+        device = calibrate.calibrate_host()
+        assert device.calibration["previous_bandwidth_gb_s_by_threads"] == previous and calibrate.slow_memory_warning(device) is None
+    # another machine's profile is no reference, nor is an unreadable one
+    for old in (yaml.safe_dump(fake_profile(bandwidth_gb_s=30.0, cpu_model="Some Other CPU")), "name: host\nmemory: [\n"):
+        path.write_text(old)
+        monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=7.3))
+        device = calibrate.calibrate_host()
+        assert "previous_bandwidth_gb_s_by_threads" not in device.calibration and calibrate.slow_memory_warning(device) is None
+
+    data = fake_profile()
+    data["calibration"].update(previous_bandwidth_gb_s_by_threads={1: -3.0}, previous_measured_at="2026-01-01T00:00:00+00:00")
+    with pytest.raises(UserError, match="previous_bandwidth_gb_s_by_threads"):
+        calibrate.write_profile(data, path)
+
+
 def test_measured_decode_counts_the_page_faults_taken_inside_each_step(monkeypatch):
     """A step that touches 32 MiB it has not mapped before takes at least 16 faults (2 MiB pages; 8192 of
     4 KiB), and the record says which step it was."""

@@ -409,7 +409,10 @@ def test_host_page_buttons_calibrate_then_measure_and_show_the_result(monkeypatc
         for done in range(3):
             progress(done, 2, f"step {done}")
         calls.append("calibrate")
-        return SimpleNamespace(calibration={"seconds": 42.0}, display_name="Fake CPU (this host, calibrated)")
+        # calibrated in a slower memory state than the calibration before it (calibrate.slow_memory_warning)
+        calibration = {"seconds": 42.0, "previous_bandwidth_gb_s_by_threads": {1: 11.6}, "previous_measured_at": "2026-11-28T12:00:00+00:00"}
+        return SimpleNamespace(calibration=calibration, display_name="Fake CPU (this host, calibrated)",
+                               unit=lambda: SimpleNamespace(bandwidth_gb_s_by_threads={1: 7.3}))
 
     record = host_profile_record()
     monkeypatch.setattr(calibrate, "calibrate_host", fake_calibrate_host)
@@ -421,6 +424,7 @@ def test_host_page_buttons_calibrate_then_measure_and_show_the_result(monkeypatc
     at = page("Host profile").run()
     at.button(key="calibrate").click().run()
     assert calls == ["calibrate"] and "Calibrated in 42 s" in at.success[0].value
+    assert len(at.warning) == 1 and "0.63x the previous calibration's 11.6" in at.warning[0].value
     at.number_input(key="context").set_value(512)
     at.button(key="measure").click().run()
     assert not at.exception and not at.error
