@@ -215,9 +215,8 @@ def measure_host_panel(model: ModelSpec, formats: Formats, context: int) -> None
         bar = st.progress(0.0, text="calibrating")
         device = calibrate.calibrate_host(progress=lambda done, total, what: bar.progress(done / max(total, 1), text=what))
         st.success(f"Calibrated in {device.calibration['seconds']:.0f} s: {device.display_name}")
-        for warning in (calibrate.busy_host_warning(device), calibrate.slow_memory_warning(device)):
-            if warning:
-                st.warning(warning)
+        for warning in calibrate.calibration_warnings(device):
+            st.warning(warning)
     if st.button("Run a measured decode", key="measure", help=f"{model.name}, random {formats.weights.name} weights"):
         try:
             with st.status(f"Decoding {model.name} on this machine", expanded=True) as status:

@@ -1037,8 +1037,8 @@ def busy_host_warning(device: Device) -> str | None:
 
 # A calibration whose streaming read at some thread count came out under this fraction of the previous
 # calibration's on the same machine ran in a slower memory state. Measured on this host (2026-11-28): one-thread
-# reads of 10.5-12.4 GB/s in its usual state (0.85-1.18x one another), 7.3-8.5 in the slow one (0.6-0.8x the usual),
-# which lasted from minutes to half an hour. The fifteenth session's six gates calibrated in it erred up to +14.2%;
+# reads of 10.5-12.4 GB/s in its usual state (0.85-1.18x one another), 7.3-8.5 in the slow one (0.59-0.81x the
+# usual: this fraction misses only its mildest), which lasted from minutes to about half an hour. The fifteenth session's six gates calibrated in it erred up to +14.2%;
 # this session's round a (7.3 GB/s) over-predicted all its 24 points, by up to +13.6%, its sweeps' memory 1.2-1.5x
 # the calibration's: its q4_0 GEMVs' overlap is fitted where their compute hides under slow memory (0.0 and 0.009,
 # against 0.05-0.19 in a usual state).
@@ -1073,6 +1073,11 @@ def slow_memory_warning(device: Device) -> str | None:
             f"calibration's {previous[t]:.1f} ({device.calibration.get('previous_measured_at', '?')}): the host's memory was in a slower "
             "state; predictions from such a profile have over-predicted tokens/s by up to 14% once it was back: run 'perfsim calibrate' "
             "again later")
+
+
+def calibration_warnings(device: Device) -> list[str]:
+    """What the profile's own record says may be wrong with its roofs: busy_host_warning, slow_memory_warning."""
+    return [w for w in (busy_host_warning(device), slow_memory_warning(device)) if w]
 
 
 def calibrate_host(progress=None, path: Path | None = None) -> Device:
@@ -1118,7 +1123,6 @@ def load_host_profile(progress=None, message=None, recalibrate: bool = True) -> 
             raise UserError(f"{reason}; run 'perfsim calibrate'")
         tell(f"{reason}; calibrating this host (under a minute) ...")
         device = calibrate_host(progress, path)
-    for warning in (busy_host_warning(device), slow_memory_warning(device)):
-        if warning:
-            tell(warning)
+    for warning in calibration_warnings(device):
+        tell(warning)
     return device

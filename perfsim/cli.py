@@ -256,16 +256,15 @@ def cmd_sweep(args) -> int:
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from perfsim.calibrate import busy_host_warning, calibrate_host, host_profile_path, slow_memory_warning
+    from perfsim.calibrate import calibrate_host, calibration_warnings, host_profile_path
 
     path = Path(args.output) if args.output else host_profile_path()
     device = calibrate_host(progress_bar, path)
     unit = device.unit()
     bandwidths = ", ".join(f"{t} threads {bw:.1f} GB/s" for t, bw in unit.bandwidth_gb_s_by_threads.items())
     print(f"host profile written to {path} ({device.calibration['seconds']:.0f} s): read bandwidth {bandwidths}")
-    for warning in (busy_host_warning(device), slow_memory_warning(device)):
-        if warning:
-            print(warning, file=sys.stderr)
+    for warning in calibration_warnings(device):
+        print(warning, file=sys.stderr)
     return 0
 
 
