@@ -39,7 +39,7 @@ from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 37  # bump whenever what is measured changes (v37: steal during a decode step's probes and passes re-runs it; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 37  # bump whenever what is measured changes (v37: steal during a decode step's probes and passes re-runs it, the head_dim factors' cache reads take turns; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -278,17 +278,23 @@ HEAD_DIM_PASSES = 5  # reads of each head_dim's cache its time per byte is scale
 HEAD_DIM_THREADS = 1
 
 
-def _cache_read_gb_s(cache, flush) -> float:
-    """GB/s of a read of the whole K/V cache from DRAM (after a read of `flush`, a buffer 2x the L3):
-    the median of HEAD_DIM_PASSES."""
+def _cache_reads_gb_s(caches: dict, flush) -> dict:
+    """{key: GB/s of a read of the whole K/V cache caches[key] from DRAM (after a read of `flush`, a buffer 2x
+    the L3)}, the median of HEAD_DIM_PASSES; the caches take turns, pass by pass, so a spell of slower memory
+    reaches them alike. With the caches read one after another, one calibration (2026-11-28) stated the
+    factors at 64, 80 and 96 at 1.18-1.27 against 128, all three together; at 96, 1.19 against 1.00-1.09 in
+    the fourteen calibrations of the thirteenth and fourteenth sessions and 1.04-1.07 in six others that day.
+    Phi-3 Mini's attention came out +7% to +28% on one thread. Whether a slow spell during 128's reads did it
+    is not known; taking turns removes that way for it to happen."""
     from perfsim.kernels.stream import read_chunks_s, sample_chunks, sum_int64
 
-    whole = sample_chunks(list(cache.arrays), cache.nbytes, 2**20)
-    reads = []
+    wholes = {key: sample_chunks(list(cache.arrays), cache.nbytes, 2**20) for key, cache in caches.items()}
+    reads = {key: [] for key in caches}
     for _ in range(HEAD_DIM_PASSES):
-        sum_int64(flush)
-        reads.append(sum(c.nbytes for c in whole) / read_chunks_s(whole) / 1e9)
-    return statistics.median(reads)
+        for key, whole in wholes.items():
+            sum_int64(flush)
+            reads[key].append(sum(c.nbytes for c in whole) / read_chunks_s(whole) / 1e9)
+    return {key: statistics.median(r) for key, r in reads.items()}
 
 
 def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int = 2) -> dict:
@@ -326,7 +332,7 @@ def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int =
                 attention(q, cache, layer, HEAD_DIM_POSITIONS, out)
                 seconds_per_byte.append((time.perf_counter() - start) / kv_bytes)
     flush = stream_buffer(64 * 2**20)
-    read_gb_s = {head_dim: _cache_read_gb_s(cache, flush) for head_dim, cache, *_ in runs}
+    read_gb_s = _cache_reads_gb_s({head_dim: cache for head_dim, cache, *_ in runs}, flush)
     per_byte = {head_dim: statistics.median(samples) * read_gb_s[head_dim] for head_dim, _, _, _, _, samples in runs}
     return {head_dim: _sig(per_byte[head_dim] / per_byte[128]) for head_dim in ATTENTION_HEAD_DIMS}
 

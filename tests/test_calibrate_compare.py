@@ -1144,14 +1144,14 @@ def test_attention_head_dim_factors_are_time_per_kv_byte_over_that_at_128(monkey
         clock["now"] += per_byte_s[cache.head_dim] * at.attention_cost(q.shape[0], cache.n_kv_heads, cache.head_dim, n_positions).kv_bytes
 
     monkeypatch.setattr(at, "attention", fake_attention)
-    monkeypatch.setattr(calibrate, "_cache_read_gb_s", lambda cache, flush: 20.0)
+    monkeypatch.setattr(calibrate, "_cache_reads_gb_s", lambda caches, flush: dict.fromkeys(caches, 20.0))
     factors = calibrate._attention_head_dim_factors(1, n_heads=2)
     assert factors == {64: pytest.approx(1.3), 80: pytest.approx(1.2), 96: pytest.approx(1.1)}
 
     # Caches that landed in memory of different speeds: each one's attention slower in proportion to its
     # cache's read rate (the twelfth calibration of this session: 96's 1.4x slower), the same factors.
     read_gb_s = {64: 20.0, 80: 14.0, 96: 14.0, 128: 21.0}
-    monkeypatch.setattr(calibrate, "_cache_read_gb_s", lambda cache, flush: read_gb_s[cache.head_dim])
+    monkeypatch.setattr(calibrate, "_cache_reads_gb_s", lambda caches, flush: {head_dim: read_gb_s[head_dim] for head_dim in caches})
     intrinsic = dict(per_byte_s)
     for head_dim in per_byte_s:
         per_byte_s[head_dim] = intrinsic[head_dim] * 20.0 / read_gb_s[head_dim]
@@ -1164,7 +1164,28 @@ def test_a_caches_read_rate_is_its_whole_bytes_over_the_median_read():
     from perfsim.kernels.stream import stream_buffer
 
     cache = new_kv_cache(2, 4, 512, 64, "f16")
-    assert 0.5 < calibrate._cache_read_gb_s(cache, stream_buffer(2**20)) < 1000
+    assert 0.5 < calibrate._cache_reads_gb_s({64: cache}, stream_buffer(2**20))[64] < 1000
+
+
+def test_the_head_dim_caches_reads_take_turns_so_a_slow_spell_reaches_them_alike(monkeypatch):
+    """Two caches, 5 passes each: read in turn (a, b, a, b, ...), a spell that halves the rate of the 3rd to 5th
+    reads reaches at most two of each cache's five, and both medians stay at their rates. Read one cache
+    after the other, it would have taken three of a's five and halved a's median."""
+    import perfsim.kernels.stream as stream
+
+    order, rate_gb_s = [], {"a": 10.0, "b": 20.0}
+    monkeypatch.setattr(stream, "sample_chunks", lambda arrays, n_bytes, chunk: [type("chunk", (), {"nbytes": 10**9, "key": arrays[0]})()])
+    monkeypatch.setattr(stream, "sum_int64", lambda buffer: 0)
+
+    def read_chunks_s(chunks):
+        order.append(chunks[0].key)
+        slow = 2.0 if len(order) in (3, 4, 5) else 1.0
+        return slow * chunks[0].nbytes / (rate_gb_s[chunks[0].key] * 1e9)
+
+    monkeypatch.setattr(stream, "read_chunks_s", read_chunks_s)
+    caches = {64: type("cache", (), {"arrays": ["a"], "nbytes": 10**9})(), 128: type("cache", (), {"arrays": ["b"], "nbytes": 10**9})()}
+    assert calibrate._cache_reads_gb_s(caches, flush=None) == {64: pytest.approx(10.0), 128: pytest.approx(20.0)}
+    assert order == ["a", "b"] * calibrate.HEAD_DIM_PASSES
 
 
 def test_a_calibrated_profile_carries_multi_head_attentions_head_dim_factors():
