@@ -1044,10 +1044,10 @@ def busy_host_warning(device: Device) -> str | None:
 # A calibration whose streaming read at some thread count came out under this fraction of the previous
 # calibration's on the same machine ran in a slower memory state. Measured on this host (2026-11-28): one-thread
 # reads of 10.5-12.4 GB/s in its usual state (0.85-1.18x one another), 7.3-8.5 in the slow one (0.59-0.81x the
-# usual: this fraction misses only its mildest), which lasted from minutes to about half an hour. The fifteenth session's six gates calibrated in it erred up to +14.2%;
-# this session's round a (7.3 GB/s) over-predicted all its 24 points, by up to +13.6%, its sweeps' memory 1.2-1.5x
-# the calibration's: its q4_0 GEMVs' overlap is fitted where their compute hides under slow memory (0.0 and 0.009,
-# against 0.05-0.19 in a usual state).
+# usual: this fraction misses only its mildest), which lasted from minutes to about half an hour. The fifteenth
+# session's six gates calibrated in it erred up to +14.2%; the sixteenth session's round a (7.3 GB/s) over-predicted
+# all its 24 points, by up to +13.6%, its sweeps' memory 1.2-1.5x the calibration's: its q4_0 GEMVs' overlap is
+# fitted where their compute hides under slow memory (0.0 and 0.009, against 0.05-0.19 in a usual state).
 SLOW_MEMORY_FRACTION = 0.8
 
 
@@ -1070,7 +1070,7 @@ def slow_memory_warning(device: Device) -> str | None:
     previous calibration's on this machine (previous_reads), else None."""
     previous = device.calibration.get("previous_bandwidth_gb_s_by_threads", {})
     now = device.unit().bandwidth_gb_s_by_threads
-    ratios = {t: now[t] / previous[t] for t in now if previous.get(t, 0) > 0}
+    ratios = {t: now[t] / previous[t] for t in now if t in previous}  # the loader keeps positive reads only
     slow = [t for t, ratio in ratios.items() if ratio < SLOW_MEMORY_FRACTION]
     if not slow:
         return None
