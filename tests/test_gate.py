@@ -137,24 +137,22 @@ def test_a_failing_metric_is_remeasured_and_passes_if_a_retry_does(baselined, fa
     assert row["now"] == 0.7  # the best attempt: the failure is stated conservatively
 
 
+def _mark_samples(fake, name, mark) -> None:
+    """The fake suite, with `mark` applied to every sample of metric `name` (e.g. flagging it busy)."""
+    original = fake.probes
+
+    def probes(host):
+        return [dataclasses.replace(p, measure=lambda measure=p.measure: mark(measure())) if p.name == name else p
+                for p in original(host)]
+
+    gate.SUITES["fake"] = ("test suite", probes)
+
+
 def test_busy_failing_attempts_do_not_use_up_retries(baselined, fake, monkeypatch, tmp_path):
     monkeypatch.setattr(gate, "BUSY_PAUSE_S", 0.0)
     busy = [0.3, 0.3, 0.3, 0.3]  # four failing attempts while another process had our cores
     fake.values["fake.speed"] = busy + [0.97]
-    original = fake.probes
-
-    def probes(host):
-        out = []
-        for p in original(host):
-            if p.name == "fake.speed":
-                def measure(measure=p.measure):
-                    s = measure()
-                    return dataclasses.replace(s, busy=s.value == 0.3)
-                p = dataclasses.replace(p, measure=measure)
-            out.append(p)
-        return out
-
-    gate.SUITES["fake"] = ("test suite", probes)
+    _mark_samples(fake, "fake.speed", lambda s: dataclasses.replace(s, busy=s.value == 0.3))
     report = tmp_path / "r.json"
     assert gate_run(baselined, json_path=report) == 0
     row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
@@ -425,3 +423,100 @@ def test_a_samples_warning_becomes_its_rows_note(monkeypatch, tmp_path):
     assert gate.run_gate(["warned"], path, False, json_path, None, False, None, out=out) == 0
     assert json.loads(json_path.read_text())["metrics"][0]["note"] == "warning: calibrated in a slower state"
     assert "warned.error: warning: calibrated in a slower state" in out.getvalue().splitlines()  # beside the table, whose columns have no notes
+
+
+# --- the CPU-speed state of kernel rounds ------------------------------------------------------------------
+
+
+def _round(ratio_s: float, speed: float, in_state: bool, clean: bool = True) -> "gate.Round":
+    return gate.Round(stream_gb_s=1.0, work_s=ratio_s, clean=clean, cpu_speed_gflops=speed, in_state=in_state)
+
+
+def test_a_kernel_metric_counts_only_rounds_in_the_baselines_cpu_speed_state():
+    """Rounds whose CPU-speed probe read under CPU_SPEED_FRACTION of the baseline's are left out of the
+    median while at least MIN_CLEAN_ROUNDS clean rounds were in state; with fewer, the median of all clean
+    rounds is taken and flagged slow CPU; with too few clean rounds at all, busy wins."""
+    fast = [_round(1.0, 21.0, True) for _ in range(6)]
+    slow = [_round(2.0, 14.0, False) for _ in range(9)]  # the majority, twice the time
+    rounds = gate.Rounds(1, tuple(fast + slow), cpu_speed_baseline=21.5)
+    sample = rounds.sample(lambda r: r.work_s)
+    assert sample.value == 1.0 and sample.rounds == 6 and not sample.slow_cpu and not sample.busy
+    assert sample.detail["cpu_speed_gflops"] == 21.0 and sample.detail["in_state_rounds"] == 6
+    assert sample.detail["cpu_speed_baseline_gflops"] == 21.5
+
+    rounds = gate.Rounds(1, tuple(fast[:4] + slow), cpu_speed_baseline=21.5)  # 4 in state: too few
+    sample = rounds.sample(lambda r: r.work_s)
+    assert sample.slow_cpu and not sample.busy and sample.value == 2.0 and sample.rounds == 13
+
+    dirty = [_round(1.0, 21.0, True, clean=False) for _ in range(10)]
+    rounds = gate.Rounds(1, tuple(fast[:4] + dirty), cpu_speed_baseline=21.5)
+    sample = rounds.sample(lambda r: r.work_s)
+    assert sample.busy and not sample.slow_cpu and sample.rounds == 14
+
+
+def test_measure_rounds_reads_the_cpu_speed_probe_and_keeps_going_for_rounds_in_state(monkeypatch):
+    import numpy as np
+
+    import perfsim.kernels.probe as probe
+
+    readings = iter([30.0, 10.0, 22.0] * 50)  # warm-up, then slow, fast, slow, fast, ...
+    monkeypatch.setattr(probe, "cpu_speed_gflops", lambda threads: next(readings))
+    host = gate.Host()
+    host._stream = np.arange(1 << 18, dtype=np.int64)
+    work = np.ones(1 << 18)
+    rounds = gate.measure_rounds(host, 1, work.sum, target=4, budget_s=5.0, cpu_speed_baseline=20.0)
+    assert [r.cpu_speed_gflops for r in rounds.rounds[:4]] == [10.0, 22.0, 30.0, 10.0]
+    assert [r.in_state for r in rounds.rounds[:4]] == [False, True, True, False]
+    in_state_clean = sum(r.in_state and r.clean for r in rounds.rounds)
+    assert in_state_clean == 4 and len(rounds.rounds) > 4  # stopped at 4 in-state clean rounds, not at 4 rounds
+
+    readings = iter([1.0] * 50)  # no baseline probe: every round is in state, whatever the probe reads
+    rounds = gate.measure_rounds(host, 1, work.sum, target=4, budget_s=5.0)
+    assert all(r.in_state for r in rounds.rounds) and rounds.cpu_speed_baseline is None
+
+
+def test_the_baseline_records_the_cpu_speed_probe_and_a_check_judges_rounds_by_it(fake, tmp_path, monkeypatch):
+    seen = []
+
+    def probes(host):
+        def measure():
+            seen.append(host.cpu_speed_baseline.get("kern.speed"))
+            return gate.Sample(1.0, spread=0.001, rounds=15, total_rounds=15, detail={"cpu_speed_gflops": 21.0 + len(seen)})
+        return [gate.Probe("kern.speed", "fake kernel", "higher", "relative", measure)]
+
+    monkeypatch.setitem(gate.SUITES, "kern", ("fake kernels", probes))
+    path = tmp_path / "b.json"
+    assert gate_run(path, update=True, runs=3, suites=("kern",)) == 0
+    entry = json.loads(path.read_text())["metrics"]["kern.speed"]
+    assert entry["cpu_speed_gflops"] == 23.0  # the median of the three runs' 22, 23, 24
+    assert seen == [None] * 3  # an update judges no round by a baseline's state
+    assert gate_run(path, suites=("kern",)) == 0
+    assert seen[-1] == 23.0  # a check hands the baseline's probe to the measurement
+
+    data = json.loads(path.read_text())
+    data["metrics"]["kern.speed"]["cpu_speed_gflops"] = -1
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="cpu_speed_gflops"):
+        gate.load_baseline(path)
+
+
+def test_failing_attempts_with_a_slow_cpu_are_remeasured_without_using_up_retries(baselined, fake, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gate, "SLOW_CPU_PAUSE_S", 0.0)
+    fake.values["fake.speed"] = [0.6] * 4 + [0.97]  # four failing attempts in a slow CPU state, then one in the baseline's
+    _mark_samples(fake, "fake.speed", lambda s: dataclasses.replace(
+        s, slow_cpu=s.value == 0.6, detail={"cpu_speed_gflops": 14.0 if s.value == 0.6 else 21.0, "cpu_speed_baseline_gflops": 21.5,
+                                            "in_state_rounds": 2}))
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, json_path=report) == 0
+    row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
+    assert row["attempts"] == [0.6] * 4 + [0.97] and [d["slow_cpu"] for d in row["attempt_details"]] == [True] * 4 + [False]
+    assert "4 of them with a slow CPU" in row["note"]
+
+    monkeypatch.setattr(gate, "SLOW_CPU_RETRIES", 1)  # the budget spent, slow attempts count like any other
+    fake.values["fake.speed"] = [0.6] * 5
+    capsys.readouterr()
+    assert gate_run(baselined, json_path=report) == 1
+    row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
+    assert len(row["attempts"]) == 1 + 1 + gate.RETRIES
+    assert "1 metric(s) got fewer than 5 clean rounds in the baseline's CPU-speed state" in capsys.readouterr().out
+    assert "slow CPU" in row["note"] and "14.0 GFLOP/s against 21.5" in row["note"] and "run the gate again" in row["note"]
