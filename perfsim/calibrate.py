@@ -34,12 +34,12 @@ import numpy as np
 import yaml
 
 from perfsim import __version__
-from perfsim.device import Device, device_from_data, load_device_file
+from perfsim.device import Device, compute_state_factor, device_from_data, load_device_file
 from perfsim.errors import UserError
 from perfsim.model import ModelSpec
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 37  # bump whenever what is measured changes (v37: steal during a decode step's probes and passes re-runs it, the head_dim factors' cache reads take turns; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 38  # bump whenever what is measured changes (v38: attention's roofs follow the compute probe at elasticity 0.5; v37: steal during a decode step's probes and passes re-runs it, the head_dim factors' cache reads take turns; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -541,10 +541,12 @@ class DecodeShapedPoint:
     kv_stream_gb_s: float = 0.0  # median of the K/V passes run before the steps (0: none; its K/V then at stream_gb_s)
     compute_gflops: float = 0.0  # median of the compute probes run before the steps (0: none)
 
-    def speed(self, reference_gflops: float) -> float:
-        """How fast this point's steps found the host's compute against the speed state a compute roof is stated
-        at (`reference_gflops` of perfsim.measure.compute_probe_gflops): their median probe over it; 1.0 without either."""
-        return self.compute_gflops / reference_gflops if self.compute_gflops > 0 and reference_gflops > 0 else 1.0
+    def speed(self, reference_gflops: float, kernel: str = "gemv.") -> float:
+        """How fast this point's steps found `kernel`'s compute against the speed state a compute roof is stated
+        at (`reference_gflops` of perfsim.measure.compute_probe_gflops): their median probe over it, at the kernel's
+        elasticity (perfsim.device.compute_state_factor); 1.0 without either."""
+        ratio = self.compute_gflops / reference_gflops if self.compute_gflops > 0 and reference_gflops > 0 else 1.0
+        return compute_state_factor(kernel, ratio)
 
     def roofs_s(self, gflops: float) -> tuple:
         """(compute, memory) seconds of the call at a compute roof of `gflops` and its own streaming passes,
@@ -673,7 +675,8 @@ def _nonnegative_line(rows: list, ys: list) -> tuple:
 MIN_OP_FACTOR = 0.05
 
 
-def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0, reference_gflops: float = 0.0) -> dict:
+def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0, reference_gflops: float = 0.0,
+                      kernel: str = "gemv.") -> dict:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
     Serial kernels: the call beyond its roof, fitted as a line in the K/V bytes a layer's attention
@@ -741,7 +744,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     # 33-37 in phi-3-small's decode); the fit then read the gap as overlap (0.97-1.0) and charged it to
     # the memory time, which phi-3-small's groups of 4 have more of per FLOP: +16% to +27%.
     # FLOPs in the reference state's seconds: a point whose steps found the host at half speed took twice as long
-    speeds = [p.speed(reference_gflops) for p in points]
+    speeds = [p.speed(reference_gflops, kernel) for p in points]
     flops = [p.cost.flops / speed for p, speed in zip(points, speeds)]
     if max(flops) > 1.1 * min(flops) and all(compute_s > memory_s for compute_s, memory_s in (p.roofs_s(gflops * s) for p, s in zip(points, speeds))):
         per_flop_s, overhead_s = np.polyfit(flops, [p.seconds for p in points], 1)
@@ -790,7 +793,7 @@ def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: i
     """A parallel kernel's roof at `threads` (the serial kernels': _serial_roofs), at its in-cache compute
     roof `gflops` (_compute_roof_gflops, stated at the compute probe `reference_gflops`: _state_normalized)."""
     if decode_points:
-        return _roof_from_decode(gflops, decode_points, True, reference_gflops=reference_gflops)
+        return _roof_from_decode(gflops, decode_points, True, reference_gflops=reference_gflops, kernel=bench.kernel)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -847,10 +850,10 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def _state_normalized(measure, threads: int, reference_gflops: float) -> float:
+def _state_normalized(measure, threads: int, reference_gflops: float, kernel: str = "gemv.") -> float:
     """`measure()`, a kernel's in-cache roof in GFLOP/s with `threads` threads, stated at the speed state of the
     compute probe `reference_gflops`: times that over the mean of two probes (perfsim.measure.compute_probe_gflops),
-    one right before it and one right after. This host's compute flips between speed states for a second or
+    one right before it and one right after, at the kernel's elasticity (perfsim.device.compute_state_factor). This host's compute flips between speed states for a second or
     more at a time (the probe's docstring); a roof measured in one and a decode point in another would put
     the difference into the kernel's fixed cost and overlap, and a run's prediction, scaled by its own
     probes, would then count the state twice or miss it. (Calibrations v29-v32 measured every parallel roof
@@ -863,7 +866,7 @@ def _state_normalized(measure, threads: int, reference_gflops: float) -> float:
     before = compute_probe_gflops(threads)
     gflops = measure()
     state = (before + compute_probe_gflops(threads)) / 2
-    return gflops * reference_gflops / state if reference_gflops > 0 and state > 0 else gflops
+    return gflops * compute_state_factor(kernel, reference_gflops / state) if reference_gflops > 0 and state > 0 else gflops
 
 
 def measure_host(progress=None) -> dict:
@@ -900,7 +903,7 @@ def measure_host(progress=None) -> dict:
 
     def measure_gflops(bench, threads):
         set_threads(threads)
-        return _state_normalized(lambda: _compute_roof_gflops(bench, None), threads, reference_gflops[threads])
+        return _state_normalized(lambda: _compute_roof_gflops(bench, None), threads, reference_gflops[threads], bench.kernel)
 
     def refit(bench, threads, gflops):  # after this thread count's decode points are in serial_decode_calls
         return _kernel_roof(bench, stream_read, producer, threads, fitted_points(bench, threads, serial_decode_calls[threads]), gflops,

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
 
-from perfsim.device import Device
+from perfsim.device import Device, compute_state_factor, probe_elasticity
 from perfsim.measure import Measurement, interquartile_mean
 from perfsim.roofline import BYTES_PER_GB, predict
 
@@ -154,12 +154,12 @@ class Comparison:
         return out
 
 
-# The kernels whose compute roof follows the compute probe: the parallel ones, whose in-cache roofs
-# calibration states at the profile's probe (perfsim.calibrate._state_normalized). Scaling attention by
-# the q4_0 GEMV's probe alone (calibration v32, one probe before and after a point, attention's roofs
-# taken at other moments in whatever state the host was then) had Phi-3 Small's attention -10% to -26%
-# on one thread; without it, a slow state took Small's and Medium's attention to -14% to -31%.
-PROBED_KERNEL_PREFIXES = ("gemv.", "attention.")
+# The kernels whose compute roof follows the compute probe are the parallel ones, whose in-cache roofs
+# calibration states at the profile's probe (perfsim.calibrate._state_normalized), each at its elasticity
+# (perfsim.device.probe_elasticity). Scaling attention by the q4_0 GEMV's probe alone (calibration v32, one
+# probe before and after a point, attention's roofs taken at other moments in whatever state the host was
+# then) had Phi-3 Small's attention -10% to -26% on one thread; without it, a slow state took Small's and
+# Medium's attention to -14% to -31%.
 
 
 def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0, kv_stream_gb_s: float = 0.0,
@@ -170,7 +170,7 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
     it has one (kv_stream_gb_s > 0); when both the run and the profile have a cold-call probe
     (perfsim.measure.cold_call_probe_us), every fixed cost per call at `threads` is scaled by the ratio of
     the two probes; when both have a compute probe (perfsim.measure.compute_probe_gflops), the compute
-    roof of every GEMV and attention kernel at `threads` is scaled by the ratio of the two."""
+    roof of every GEMV and attention kernel at `threads` follows the ratio of the two (compute_state_factor)."""
     unit = device.unit()
     changes = {"bandwidth_gb_s_by_threads": {**unit.bandwidth_gb_s_by_threads, threads: stream_gb_s},
                "kv_bandwidth_gb_s_by_threads": {t: gb_s for t, gb_s in unit.kv_bandwidth_gb_s_by_threads.items() if t != threads}}
@@ -184,8 +184,8 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
     def at_this_run(kernel: str, roof):
         if fixed_cost_factor != 1.0:
             roof = roof.with_fixed_costs_scaled(fixed_cost_factor)
-        if compute_factor != 1.0 and kernel.startswith(PROBED_KERNEL_PREFIXES):
-            roof = roof.with_compute_scaled(compute_factor)
+        if compute_factor != 1.0 and probe_elasticity(kernel) > 0:
+            roof = roof.with_compute_scaled(compute_state_factor(kernel, compute_factor))
         return roof
 
     if fixed_cost_factor != 1.0:

@@ -95,6 +95,27 @@ class KernelRoof:
         return dataclasses.replace(self, gflops=self.gflops * factor)
 
 
+# How a kernel's compute roof follows the compute probe (perfsim.measure.compute_probe_gflops, the q4_0 GEMV's
+# in-cache roof) when the host's CPU changes speed state: the roof is scaled by (probe / reference) ** this.
+# The GEMVs are the probe's own kernel. Attention follows it at about half its ratio: timed alone beside the
+# probe over 2,860 (one thread) and 3,988 (two) readings as the state flipped (2026-11-28), Phi-3 Mini's
+# attention at context 512 (its K/V in L3) moved with the probe at an elasticity of 0.64 and 0.49, at 2048
+# from DRAM 0.33 and 0.29. Scaled by the whole ratio, two sets of 24 sweep points predicted attention +6.6%
+# and +14.7% slow on average (at two threads up to +58%: a calibration in the fast state, sweeps in the slow
+# ones); by its square root, -3.9% and +4.3%, points holding every bound 21 -> 21 and 17 -> 19 of 24.
+PROBE_ELASTICITY_BY_PREFIX = {"gemv.": 1.0, "attention.": 0.5}
+
+
+def probe_elasticity(kernel: str) -> float:
+    """The exponent `kernel`'s compute roof follows the compute probe's ratio by (0: it does not)."""
+    return next((e for prefix, e in PROBE_ELASTICITY_BY_PREFIX.items() if kernel.startswith(prefix)), 0.0)
+
+
+def compute_state_factor(kernel: str, probe_ratio: float) -> float:
+    """What `kernel`'s compute roof is multiplied by when the compute probe reads `probe_ratio` x its reference."""
+    return probe_ratio ** probe_elasticity(kernel) if probe_ratio > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class Reference:
     """A published decode measurement, shown beside the prediction."""

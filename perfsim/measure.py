@@ -405,7 +405,8 @@ def compute_probe_gflops(threads: int) -> float:
     followed the block's mean probe (correlation 0.84 each). A probe taken once before and once after a
     whole point (calibration v32) read either level for all its steps. perfsim.compare scales every
     parallel kernel's compute roof by a step's probe over the profile's (with_same_run_host), and
-    calibration states every roof at the profile's probe (_state_normalized)."""
+    calibration states every roof at the profile's probe (_state_normalized), each at the kernel's
+    elasticity (perfsim.device.probe_elasticity: the GEMVs 1, attention 0.5)."""
     import numpy as np
 
     from perfsim.calibrate import _gemv_bench

@@ -574,9 +574,10 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
 
 def test_the_parallel_kernels_compute_roofs_scale_with_each_steps_compute_probe():
     """with_same_run_host: a step whose compute probe read 0.6x the calibration's (this host's slow state on
-    two threads: ~66 GFLOP/s against ~110) gets the compute roof of every GEMV and attention kernel at its
-    thread count 0.6x; their fixed costs and overlaps, the serial kernels and the other thread counts stay.
-    compare predicts each step with its own probe."""
+    two threads: ~66 GFLOP/s against ~110) gets the compute roof of every GEMV at its thread count 0.6x and
+    of every attention kernel sqrt(0.6)x (its elasticity, perfsim.device.probe_elasticity); their fixed costs
+    and overlaps, the serial kernels and the other thread counts stay. compare predicts each step with its
+    own probe."""
     from perfsim.compare import with_same_run_host
     from perfsim.device import device_from_data
 
@@ -589,7 +590,8 @@ def test_the_parallel_kernels_compute_roofs_scale_with_each_steps_compute_probe(
     device = device_from_data(data, "fake.yaml")
     assert device.unit().compute_probe_gflops_by_threads == {1: 110.0}
     run = with_same_run_host(device, 1, stream_gb_s=11.0, compute_gflops=66.0).unit()
-    assert run.kernel_roofs["gemv.q4_0"][1].gflops == pytest.approx(30.0) and run.kernel_roofs["attention.f16"][1].gflops == pytest.approx(18.0)
+    assert run.kernel_roofs["gemv.q4_0"][1].gflops == pytest.approx(30.0)
+    assert run.kernel_roofs["attention.f16"][1].gflops == pytest.approx(30.0 * 0.6 ** 0.5)
     assert run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5 and run.kernel_roofs["attention.f16"][1].overhead_us == 60.0
     assert run.kernel_roofs["rmsnorm"][1].gflops == 5.0
     for t in set(threads) - {1}:
@@ -1011,11 +1013,14 @@ def test_decode_points_in_a_slower_state_are_fitted_at_their_own_speed():
               calibrate.DecodeShapedPoint(3640e-6, Cost(flops=60e6, kv_bytes=12_000_000), 0, 20.0, compute_gflops=55.0)]
     roof = calibrate._roof_from_decode(50.0, points, parallel=True, reference_gflops=110.0)
     assert roof["gflops"] == pytest.approx(58e6 / 1740e-6 / 1e9, rel=1e-3) and roof["overhead_us"] == pytest.approx(40.0, rel=1e-3)
+    # attention's points are put in the reference state at its elasticity: half the probe is sqrt(0.5) the speed
+    assert points[1].speed(110.0, "attention.f16") == pytest.approx(0.5 ** 0.5) and points[1].speed(110.0, "gemv.q4_0") == 0.5
+    assert points[1].speed(110.0, "rmsnorm") == 1.0 and points[1].speed(0.0, "attention.f16") == 1.0
 
 
 def test_an_in_cache_roof_is_stated_at_the_reference_speed_state(monkeypatch):
-    """A roof of 30 GFLOP/s measured between probes that read 50 and 60 (mean 55) is 60 at a reference of 110;
-    without a reference it stays as measured."""
+    """A GEMV roof of 30 GFLOP/s measured between probes that read 50 and 60 (mean 55) is 60 at a reference of
+    110, an attention roof 30 x sqrt(2); without a reference it stays as measured."""
     import perfsim.measure
 
     readings = iter([50.0, 60.0])
@@ -1023,6 +1028,8 @@ def test_an_in_cache_roof_is_stated_at_the_reference_speed_state(monkeypatch):
     assert calibrate._state_normalized(lambda: 30.0, 1, 110.0) == pytest.approx(60.0)
     readings = iter([50.0, 60.0])
     assert calibrate._state_normalized(lambda: 30.0, 1, 0.0) == 30.0
+    readings = iter([50.0, 60.0])  # attention follows the probe at its elasticity, 0.5: 30 x sqrt(2)
+    assert calibrate._state_normalized(lambda: 30.0, 1, 110.0, "attention.f16") == pytest.approx(30.0 * 2 ** 0.5)
 
 
 def resident_bytes_of(array) -> int:
