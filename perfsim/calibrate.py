@@ -544,7 +544,7 @@ class DecodeShapedPoint:
     def speed(self, reference_gflops: float, kernel: str = "gemv.") -> float:
         """How fast this point's steps found `kernel`'s compute against the speed state a compute roof is stated
         at (`reference_gflops` of perfsim.measure.compute_probe_gflops): their median probe over it, at the kernel's
-        elasticity (perfsim.device.compute_state_factor); 1.0 without either."""
+        elasticity (perfsim.device.compute_state_factor; by default a GEMV's, 1); 1.0 without either."""
         ratio = self.compute_gflops / reference_gflops if self.compute_gflops > 0 and reference_gflops > 0 else 1.0
         return compute_state_factor(kernel, ratio)
 
@@ -851,10 +851,11 @@ def _sig(x: float) -> float:
 
 
 def _state_normalized(measure, threads: int, reference_gflops: float, kernel: str = "gemv.") -> float:
-    """`measure()`, a kernel's in-cache roof in GFLOP/s with `threads` threads, stated at the speed state of the
+    """`measure()`, `kernel`'s in-cache roof in GFLOP/s with `threads` threads, stated at the speed state of the
     compute probe `reference_gflops`: times that over the mean of two probes (perfsim.measure.compute_probe_gflops),
-    one right before it and one right after, at the kernel's elasticity (perfsim.device.compute_state_factor). This host's compute flips between speed states for a second or
-    more at a time (the probe's docstring); a roof measured in one and a decode point in another would put
+    one right before it and one right after, at the kernel's elasticity (perfsim.device.compute_state_factor; by
+    default a GEMV's, 1). This host's compute flips between speed states for a second or more at a time (the
+    probe's docstring); a roof measured in one and a decode point in another would put
     the difference into the kernel's fixed cost and overlap, and a run's prediction, scaled by its own
     probes, would then count the state twice or miss it. (Calibrations v29-v32 measured every parallel roof
     a second time at their end and kept the second when 1.1x the first or more. With roofs so stated, the one
