@@ -67,8 +67,8 @@ def cpu_speed_gflops(threads: int) -> float:
         rng = np.random.default_rng(0)
         _OPERANDS[threads] = (rng.random((threads, DOT_CHAIN_VALUES), dtype=np.float32),
                               rng.random(DOT_CHAIN_VALUES, dtype=np.float32))
+        dot_chain(*_OPERANDS[threads], 4)  # compile or load from Numba's cache, once per thread count
     blocks, x = _OPERANDS[threads]
-    dot_chain(blocks, x, 4)  # compile or load from Numba's cache; wake the thread pool
     seconds = np.empty(PROBE_CALLS)
     for i in range(PROBE_CALLS):
         start = time.perf_counter()

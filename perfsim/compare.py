@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
 
-from perfsim.device import Device, compute_state_factor, probe_elasticity
+from perfsim.device import Device, compute_state_factor
 from perfsim.measure import Measurement, interquartile_mean
 from perfsim.roofline import BYTES_PER_GB, predict
 
@@ -184,8 +184,8 @@ def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_ca
     def at_this_run(kernel: str, roof):
         if fixed_cost_factor != 1.0:
             roof = roof.with_fixed_costs_scaled(fixed_cost_factor)
-        if compute_factor != 1.0 and probe_elasticity(kernel) > 0:
-            roof = roof.with_compute_scaled(compute_state_factor(kernel, compute_factor))
+        if (factor := compute_state_factor(kernel, compute_factor)) != 1.0:  # 1.0 for the serial kernels (elasticity 0)
+            roof = roof.with_compute_scaled(factor)
         return roof
 
     if fixed_cost_factor != 1.0:
