@@ -61,6 +61,10 @@ class KernelRoof:
     gflops: float  # with its data in cache: the compute roof this kernel really sees
     overlap: float  # 0: compute hides under memory traffic (a pure roofline); 1: they add up
     overhead_us: float  # fixed cost of one call: Python dispatch, parallel fork/join
+    # 0: compute and memory combine as max(compute, memory) + overlap x the smaller. p >= 1: as their power mean
+    # (compute^p + memory^p)^(1/p) + overlap x the smaller, a roofline whose corner is rounded: near the ridge
+    # neither hides the other. perfsim calibrate sets it for the q4_0 GEMVs (perfsim.calibrate.GEMV_OVERLAP_POWER).
+    overlap_power: float = 0.0
     # Serial kernels: the fixed cost grows with the K/V a layer's attention reads (decimal MB), that is
     # with the context (Phi-3 Mini's serial ops: 15-20% more a call at context 4096 than at 128).
     overhead_us_per_kv_mb: float = 0.0
@@ -224,6 +228,7 @@ def _unit_from_fields(name: str, f: Fields) -> ComputeUnit:
                 roof = per_threads.mapping(key)
                 roofs[key] = KernelRoof(roof.number("gflops", exclusive_minimum=0), roof.number("overlap", minimum=0, maximum=1),
                                         roof.number("overhead_us", minimum=0),
+                                        overlap_power=roof.number("overlap_power", minimum=1, required=False, default=0.0),
                                         overhead_us_per_kv_mb=roof.number("overhead_us_per_kv_mb", minimum=0, required=False, default=0.0),
                                         overhead_us_per_operand_mb=roof.number("overhead_us_per_operand_mb", minimum=0, required=False,
                                                                                default=0.0),

@@ -2,7 +2,8 @@
 
 Per op: time = max(FLOPs / achievable compute, bytes / achievable bandwidth) + the unit's fixed cost
 per op (a calibrated host adds `overlap` x the smaller of the two, measured per kernel: how much of
-the compute fails to hide under the memory traffic); the op is memory-, compute- or overhead-bound by whichever term is largest. On a CPU, compute
+the compute fails to hide under the memory traffic; for a kernel with an `overlap_power` p the max is
+their power mean, (compute^p + memory^p)^(1/p)); the op is memory-, compute- or overhead-bound by whichever term is largest. On a CPU, compute
 scales with threads but bandwidth saturates: one core streams `single_thread_bandwidth_gb_s`, all of
 them together at most `bandwidth_efficiency` x the memory peak (or a measured table, for the host).
 """
@@ -30,19 +31,19 @@ class Roofs:
     bandwidth_bytes_per_s: float
     flops_per_s: tuple  # achievable, ((precision, FLOP/s), ...) for f32, f16, int8
     overhead_s_per_op: float
-    # calibrated hosts, used before the above: ((kernel, FLOP/s, overlap, overhead s, overhead s per K/V byte a
-    # layer's attention reads, overhead s per byte of the call's operands, overhead s per weight byte a layer
-    # streams, ((head_dim, time factor), ...), ((op name, overhead factor), ...)), ...)
+    # calibrated hosts, used before the above: ((kernel, FLOP/s, overlap, overlap power, overhead s, overhead s per
+    # K/V byte a layer's attention reads, overhead s per byte of the call's operands, overhead s per weight byte a
+    # layer streams, ((head_dim, time factor), ...), ((op name, overhead factor), ...)), ...)
     kernels: tuple = ()
-    # Derived once: {kernel: (FLOP/s, overlap, overhead s, overhead s per K/V byte, overhead s per operand byte,
-    # overhead s per layer weight byte, {head_dim: time factor}, {op name: overhead factor})},
+    # Derived once: {kernel: (FLOP/s, overlap, overlap power, overhead s, overhead s per K/V byte, overhead s per operand
+    # byte, overhead s per layer weight byte, {head_dim: time factor}, {op name: overhead factor})},
     # read by every prediction (built per prediction, it cost ~16 us of a ~30 us one).
     by_kernel: dict = field(init=False, compare=False, repr=False)
     # A measured run's K/V read rate (ComputeUnit.kv_bandwidth_gb_s_by_threads) for the ops' K/V bytes; 0: the bandwidth above
     kv_bandwidth_bytes_per_s: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "by_kernel", {k[0]: (*k[1:7], dict(k[7]), dict(k[8])) for k in self.kernels})
+        object.__setattr__(self, "by_kernel", {k[0]: (*k[1:8], dict(k[8]), dict(k[9])) for k in self.kernels})
 
     def flops(self, precision: str) -> float:
         return dict(self.flops_per_s)[precision]
@@ -78,7 +79,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
         share = 1.0
     flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
     kernels = tuple(
-        (kernel, r.gflops * 1e9, r.overlap, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12, r.overhead_us_per_operand_mb * 1e-12,
+        (kernel, r.gflops * 1e9, r.overlap, r.overlap_power, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12, r.overhead_us_per_operand_mb * 1e-12,
          r.overhead_us_per_layer_mb * 1e-12,
          tuple(sorted(r.time_factor_by_head_dim.items())), tuple(sorted(r.overhead_factor_by_op.items())))
         for kernel, by_threads in unit.kernel_roofs.items()
@@ -89,8 +90,8 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
 
 
 def _roofs_by_op(roofs: Roofs):
-    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overhead s, overhead s per byte of K/V
-    a layer's attention reads, overhead s per byte of the call's operands, overhead s per weight byte a layer
+    """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overlap power, overhead s, overhead s per
+    byte of K/V a layer's attention reads, overhead s per byte of the call's operands, overhead s per weight byte a layer
     streams, {head_dim: time factor}, {op name: overhead factor})})."""
     return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, roofs.by_kernel
 
@@ -105,7 +106,7 @@ class OpTime(NamedTuple):  # a tuple, not a dataclass: a sweep builds ~10^5 of t
 
 
 def _op_terms(ops: tuple, roofs: Roofs):
-    """Per op: (op, compute_s, memory_s, overlap, overhead_s), the calibrated kernel's roofs when the
+    """Per op: (op, compute_s, memory_s, overlap, overlap power, overhead_s), the calibrated kernel's roofs when the
     unit has them, else the unit's roofs for the op's precision. A calibrated kernel's time factor for the
     op's head_dim (multi-head attention) scales its compute and memory times, not its fixed cost; its
     factor for the op's name (a serial kernel several ops run) scales the fixed cost."""
@@ -114,40 +115,46 @@ def _op_terms(ops: tuple, roofs: Roofs):
     for op in ops:
         factor = 1.0
         if op.kernel in kernels:
-            op_flops_per_s, overlap, op_overhead, per_kv_byte, per_operand_byte, per_layer_byte, factors, by_op = kernels[op.kernel]
+            op_flops_per_s, overlap, power, op_overhead, per_kv_byte, per_operand_byte, per_layer_byte, factors, by_op = kernels[op.kernel]
             op_overhead += per_kv_byte * op.layer_kv_bytes + per_operand_byte * op.bytes / op.count + per_layer_byte * op.layer_weight_bytes  # a call
             if by_op:  # two kernels of a calibrated host's dozen have factors; the lookup cost ~2 us a Mini prediction
                 op_overhead *= by_op.get(op.name, 1.0)
             factor = factors.get(op.head_dim, 1.0)
         else:
-            op_flops_per_s, overlap, op_overhead = flops_per_s[op.precision], 0.0, overhead_per_op
+            op_flops_per_s, overlap, power, op_overhead = flops_per_s[op.precision], 0.0, 0.0, overhead_per_op
         if kv_bandwidth and op.kv_bytes:  # a measured run's K/V stream at their own rate
             memory_s = (op.bytes - op.kv_bytes) / bandwidth + op.kv_bytes / kv_bandwidth
         else:
             memory_s = op.bytes / bandwidth
-        yield op, factor * op.flops / op_flops_per_s, factor * memory_s, overlap, op_overhead * op.count
+        yield op, factor * op.flops / op_flops_per_s, factor * memory_s, overlap, power, op_overhead * op.count
+
+
+def roof_s(compute_s: float, memory_s: float, overlap: float = 0.0, power: float = 0.0) -> float:
+    """An op's time before its fixed cost: the larger of its compute and memory times (their power mean when
+    `power` > 0, KernelRoof.overlap_power) plus `overlap` x the smaller."""
+    if power:
+        return (compute_s**power + memory_s**power) ** (1.0 / power) + overlap * min(compute_s, memory_s)
+    if compute_s > memory_s:
+        return compute_s + overlap * memory_s
+    return memory_s + overlap * compute_s
 
 
 def decode_time_s(ops: tuple, roofs: Roofs) -> float:
     """Sum of the op times of `op_times`, without building them (a sweep needs only the total)."""
     total_s = 0.0
-    for _, compute_s, memory_s, overlap, overhead_s in _op_terms(ops, roofs):
-        if compute_s > memory_s:
-            total_s += compute_s + overlap * memory_s + overhead_s
-        else:
-            total_s += memory_s + overlap * compute_s + overhead_s
+    for _, compute_s, memory_s, overlap, power, overhead_s in _op_terms(ops, roofs):
+        total_s += roof_s(compute_s, memory_s, overlap, power) + overhead_s
     return total_s
 
 
 def op_times(ops: tuple, roofs: Roofs) -> tuple:
     times = []
-    for op, compute_s, memory_s, overlap, overhead_s in _op_terms(ops, roofs):
+    for op, compute_s, memory_s, overlap, power, overhead_s in _op_terms(ops, roofs):
         if overhead_s > compute_s and overhead_s > memory_s:
             bound = OVERHEAD
         else:
             bound = COMPUTE if compute_s > memory_s else MEMORY
-        roof_s = compute_s + overlap * memory_s if compute_s > memory_s else memory_s + overlap * compute_s
-        times.append(OpTime(op, compute_s, memory_s, overhead_s, roof_s + overhead_s, bound))
+        times.append(OpTime(op, compute_s, memory_s, overhead_s, roof_s(compute_s, memory_s, overlap, power) + overhead_s, bound))
     return tuple(times)
 
 

@@ -1018,6 +1018,30 @@ def test_decode_points_in_a_slower_state_are_fitted_at_their_own_speed():
     assert points[1].speed(110.0, "rmsnorm") == 1.0 and points[1].speed(0.0, "attention.f16") == 1.0
 
 
+def test_a_power_mean_kernels_fit_is_its_fixed_cost_over_the_power_mean_of_its_points():
+    """Hand arithmetic: compute roof 40 GFLOP/s at a reference probe of 110, overlap power 3.5. A call of 4 MFLOP
+    (100 us) and 2 MB at 20 GB/s (100 us): power mean 2^(1/3.5) x 100 = 121.90 us. One of 32 MFLOP run at half speed
+    (probe 55: 1600 us of compute) and 20 MB at 10 GB/s (2000 us): (1600^3.5 + 2000^3.5)^(1/3.5) = 2227.48 us. One of
+    8 MFLOP (200 us) and 8 MB at 20 GB/s (400 us): 409.80 us. Taking 25, 35 and 30 us more than those, the fixed
+    cost is their mean, 30 us, with no overlap; the max-and-overlap fit reads the same calls otherwise."""
+    from perfsim.cost import Cost
+
+    def point(s, flops, n_bytes, gb_s, probe):
+        return calibrate.DecodeShapedPoint(s, Cost(flops=flops, weight_bytes=n_bytes), 0, gb_s, compute_gflops=probe)
+
+    assert (1600**3.5 + 2000**3.5) ** (1 / 3.5) == pytest.approx(2227.48, abs=0.01)
+    assert 2 ** (1 / 3.5) * 100 == pytest.approx(121.90, abs=0.01) and (200**3.5 + 400**3.5) ** (1 / 3.5) == pytest.approx(409.80, abs=0.01)
+    points = [point((121.90 + 25) * 1e-6, 4e6, 2_000_000, 20.0, 110.0), point((2227.48 + 35) * 1e-6, 32e6, 20_000_000, 10.0, 55.0),
+              point((409.80 + 30) * 1e-6, 8e6, 8_000_000, 20.0, 110.0)]
+    roof = calibrate._roof_from_decode(40.0, points, parallel=True, reference_gflops=110.0, kernel="gemv.q4_0", overlap_power=3.5)
+    assert roof == {"gflops": 40.0, "overlap": 0.0, "overlap_power": 3.5, "overhead_us": pytest.approx(30.0, abs=0.01)}
+    without = calibrate._roof_from_decode(40.0, points, parallel=True, reference_gflops=110.0, kernel="gemv.q4_0")
+    assert "overlap_power" not in without and without["overlap"] > 0.05
+    # calls faster than their power mean leave no negative fixed cost
+    fast = [point(100e-6, 4e6, 2_000_000, 20.0, 110.0), point(390e-6, 8e6, 8_000_000, 20.0, 110.0)]
+    assert calibrate._roof_from_decode(40.0, fast, True, reference_gflops=110.0, overlap_power=3.5)["overhead_us"] == 0.0
+
+
 def test_an_in_cache_roof_is_stated_at_the_reference_speed_state(monkeypatch):
     """A GEMV roof of 30 GFLOP/s measured between probes that read 50 and 60 (mean 55) is 60 at a reference of
     110, an attention roof 30 x sqrt(2); without a reference it stays as measured."""

@@ -196,6 +196,35 @@ def test_a_calibrated_attention_time_factor_applies_at_its_head_dim_only():
         assert attention.time_s == pytest.approx(factor * roof_s + 32 * 20e-6)
 
 
+def test_a_calibrated_gemv_with_an_overlap_power_takes_the_power_mean_of_its_compute_and_memory():
+    """Paper arithmetic: gemv.q4_0 at 40 GFLOP/s, overlap power 3.5, 30 us a call, one thread (40 GB/s). Phi-3 Mini's
+    attn_qkv (9216 x 3072 q4_0: 15,925,248 bytes, and 40,128 of activations; 56,623,104 FLOPs) computes in 1415.6 us and
+    streams in 399.1 us; (1415.6^3.5 + 399.1^3.5)^(1/3.5) = 1420.4 us (the max alone: 1415.6). At equal times the power mean is 2^(1/3.5) =
+    1.219x either; without a power the same roof is the max plus overlap x the smaller."""
+    from perfsim.roofline import roof_s
+
+    assert roof_s(1.0, 1.0, power=3.5) == pytest.approx(2 ** (1 / 3.5))
+    assert roof_s(1.0, 1.0, overlap=0.25, power=3.5) == pytest.approx(2 ** (1 / 3.5) + 0.25)
+    assert roof_s(2.0, 1.0, overlap=0.25) == 2.25 and roof_s(1.0, 2.0, overlap=0.25) == 2.25
+    assert roof_s(3.0, 0.0, power=3.5) == pytest.approx(3.0)
+    roof = {"gflops": 40.0, "overlap": 0.0, "overlap_power": 3.5, "overhead_us": 30.0}
+    data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"gemv.q4_0": {1: roof}})})
+    p = predict(MINI, Formats(weights=Q4_0), device_from_data(data, "paper.yaml"), context=1000, threads=1)
+    (qkv,) = [t for t in p.ops if t.op.name == "attn_qkv"]
+    assert qkv.op.count == 32 and qkv.op.cost.weight_bytes == 15_925_248 and qkv.op.cost.bytes == 15_965_376
+    assert qkv.op.cost.flops == 56_623_104
+    compute_us, memory_us = 56_623_104 / 40e3, 15_965_376 / 40e3
+    assert qkv.time_s == pytest.approx(32 * ((compute_us**3.5 + memory_us**3.5) ** (1 / 3.5) + 30.0) * 1e-6)
+    assert qkv.time_s == pytest.approx(32 * 1450.37e-6, rel=1e-5) and qkv.bound == "compute"
+    assert p.decode_s == pytest.approx(sum(t.time_s for t in p.ops))
+
+
+def test_an_overlap_power_must_be_a_number_at_least_one():
+    for value, expected in ((0.5, ">= 1"), ("smooth", "number")):
+        roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overlap_power": value}
+        assert "overlap_power" in _kernel_roof_error("gemv.q4_0", roof, expected)
+
+
 def _kernel_roof_error(kernel: str, roof: dict, expected: str) -> str:
     """The loader's one-line message for a profile whose only calibrated roof is `roof` (1 thread)."""
     data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={kernel: {1: roof}})})
