@@ -109,20 +109,22 @@ DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnor
                      "attn_output": "{attn_output}", "ffn_gate_up": "{ffn_gate_up}", "ffn_down": "{ffn_down}", "lm_head": "{lm_head}"}
 # The kernel of the compute probe (perfsim.measure.compute_probe_gflops: calibration's in-cache bench of the q4_0 GEMV).
 # Its compute roof is the probe's median over the decode steps (the same measurement, taken ~100 times a thread
-# count): measured once more on its own, in a window of its own, it came out 0.79-1.16x that median over ten
-# calibrations (2026-11-27/28), and the power mean below turns such an error into up to 3% of a GEMV's time.
+# count): measured once more on its own, in a window of its own, it came out 0.79-1.16x that median over the
+# sixteenth and seventeenth sessions' ten calibrations, and the power mean below turns such an error into up to
+# 3% of a GEMV's time.
 PROBE_KERNEL = f"gemv.{DECODE_SHAPED_WEIGHTS}"
 # A q4_0 GEMV's compute and memory times combine as their power mean with this exponent (KernelRoof.overlap_power),
 # its fixed cost fitted on top. A q4_0 GEMV does the same FLOPs per byte at every shape, so the ratio x of its
-# compute time to its memory time is the host's state: 0.65-0.74 in the fast one (both thread counts), up to 1.09 on
-# two threads in the slow ones. Over 16 calibrations (2026-11-28; 5 GEMVs at 2 contexts in each of 2 models, 1 and 2 threads), its
-# decode calls took 1.03-1.07x their memory time at x 0.65-0.74, and 1.16-1.24x at x 0.92-1.09: the max plus
-# `overlap` x the smaller, fitted in one state, carries that to another badly. Fitted on one calibration, predicting
-# the calls of another (same thread count) whose x differed by more than 0.15 (126 pairs): overlap form rms 6.9%
-# (up to 10.1%); power mean, fixed cost fitted, p = 3: 1.7%, 3.5: 1.7%, 4: 1.8%, 5: 2.9%; one thread alone (x within
-# 0.68-0.79) rms 1.0% at 3.5, 1.2% at 4, 2.5% at 3. On 24 sweep points measured twice (Phi-3 Mini, Small, Medium)
-# and predicted from each of the 16 calibrations, tokens/s mean abs. error went 4.0 -> 1.9% and 2.9 -> 2.1% (the
-# sweeps in the calibrations' usual state), 9.3 -> 3.8% and 6.2 -> 3.7% (the compute probe at half the calibration's).
+# compute time to its memory time is the host's state: 0.65-0.74 in the fast one (both thread counts), up to 1.09
+# on two threads in the slow ones. Over 16 calibrations (2026-11-28; 5 GEMVs at 2 contexts in each of 2 models,
+# 1 and 2 threads), its decode calls took 1.03-1.07x their memory time at x 0.65-0.74 and 1.16-1.24x at x
+# 0.92-1.09: the max plus `overlap` x the smaller, fitted in one state, carries that to another badly. Fitted on
+# one calibration, predicting the calls of another (same thread count) whose x differed by more than 0.15 (126
+# pairs): overlap form rms 6.9% (up to 10.1%); power mean, fixed cost fitted, p = 3: 1.7%, 3.5: 1.7%, 4: 1.8%,
+# 5: 2.9%; one thread alone (x within 0.68-0.79) rms 1.0% at 3.5, 1.2% at 4, 2.5% at 3. On 24 sweep points
+# (Phi-3 Mini, Small, Medium) measured twice and predicted from each of the 16 calibrations (8 in the fast state, 8
+# in mixed ones), tokens/s mean abs. error went 4.0 -> 1.9% and 2.9 -> 2.1% on one set, and 9.3 -> 3.8% and
+# 6.2 -> 3.7% on the other, whose two-thread compute probe read 0.51-0.64x the fast calibrations' (the first's 0.58-0.85x).
 GEMV_OVERLAP_POWER = 3.5
 # Parallel kernels whose fixed cost and overlap come from those decodes (the others' from microbenchmarks)
 DECODE_FITTED_KERNELS = {f"gemv.{DECODE_SHAPED_WEIGHTS}", "attention.f16", "attention.q8_0", "attention.f32", "attention.f16.gqa"}
@@ -766,8 +768,9 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     # FLOPs in the reference state's seconds: a point whose steps found the host at half speed took twice as long
     speeds = [p.speed(reference_gflops, kernel) for p in points]
     if overlap_power:
-        excess = [p.seconds - roof_s(*p.roofs_s(gflops * speed), power=overlap_power) for p, speed in zip(points, speeds)]
-        return {"gflops": _sig(gflops), "overlap": 0.0, "overlap_power": overlap_power, "overhead_us": _sig(max(float(np.mean(excess)), 0.0) * 1e6)}
+        excess_s = [p.seconds - roof_s(*p.roofs_s(gflops * speed), power=overlap_power) for p, speed in zip(points, speeds)]
+        return {"gflops": _sig(gflops), "overlap": 0.0, "overlap_power": overlap_power,
+                "overhead_us": _sig(max(float(np.mean(excess_s)), 0.0) * 1e6)}
     flops = [p.cost.flops / speed for p, speed in zip(points, speeds)]
     if max(flops) > 1.1 * min(flops) and all(compute_s > memory_s for compute_s, memory_s in (p.roofs_s(gflops * s) for p, s in zip(points, speeds))):
         per_flop_s, overhead_s = np.polyfit(flops, [p.seconds for p in points], 1)

@@ -3,8 +3,8 @@
 Per op: time = max(FLOPs / achievable compute, bytes / achievable bandwidth) + the unit's fixed cost
 per op (a calibrated host adds `overlap` x the smaller of the two, measured per kernel: how much of
 the compute fails to hide under the memory traffic; for a kernel with an `overlap_power` p the max is
-their power mean, (compute^p + memory^p)^(1/p)); the op is memory-, compute- or overhead-bound by whichever term is largest. On a CPU, compute
-scales with threads but bandwidth saturates: one core streams `single_thread_bandwidth_gb_s`, all of
+their power mean, (compute^p + memory^p)^(1/p)); the op is memory-, compute- or overhead-bound by
+whichever term is largest. On a CPU, compute scales with threads but bandwidth saturates: one core streams `single_thread_bandwidth_gb_s`, all of
 them together at most `bandwidth_efficiency` x the memory peak (or a measured table, for the host).
 """
 
@@ -79,8 +79,8 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
         share = 1.0
     flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
     kernels = tuple(
-        (kernel, r.gflops * 1e9, r.overlap, r.overlap_power, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12, r.overhead_us_per_operand_mb * 1e-12,
-         r.overhead_us_per_layer_mb * 1e-12,
+        (kernel, r.gflops * 1e9, r.overlap, r.overlap_power, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12,
+         r.overhead_us_per_operand_mb * 1e-12, r.overhead_us_per_layer_mb * 1e-12,
          tuple(sorted(r.time_factor_by_head_dim.items())), tuple(sorted(r.overhead_factor_by_op.items())))
         for kernel, by_threads in unit.kernel_roofs.items()
         if (r := by_threads.get(threads)) is not None
