@@ -154,14 +154,6 @@ class Comparison:
         return out
 
 
-# The kernels whose compute roof follows the compute probe are the parallel ones, whose in-cache roofs
-# calibration states at the profile's probe (perfsim.calibrate._state_normalized), each at its elasticity
-# (perfsim.device.probe_elasticity). Scaling attention by the q4_0 GEMV's probe alone (calibration v32, one
-# probe before and after a point, attention's roofs taken at other moments in whatever state the host was
-# then) had Phi-3 Small's attention -10% to -26% on one thread; without it, a slow state took Small's and
-# Medium's attention to -14% to -31%.
-
-
 def with_same_run_host(device: Device, threads: int, stream_gb_s: float, cold_call_us: float = 0.0, kv_stream_gb_s: float = 0.0,
                        compute_gflops: float = 0.0) -> Device:
     """The calibrated host as measured beside the decode, by microbenchmarks, not the decode: the DRAM

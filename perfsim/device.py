@@ -106,7 +106,11 @@ class KernelRoof:
 # attention at context 512 (its K/V in L3) moved with the probe at an elasticity of 0.64 and 0.49, at 2048
 # from DRAM 0.33 and 0.29. Scaled by the whole ratio, two sets of 24 sweep points predicted attention +6.6%
 # and +14.7% slow on average (at two threads up to +58%: a calibration in the fast state, sweeps in the slow
-# ones); by its square root, -3.9% and +4.3%, points holding every bound 21 -> 21 and 17 -> 19 of 24.
+# ones); by its square root, -3.9% and +4.3%, points holding every bound 21 -> 21 and 17 -> 19 of 24. (Scaling
+# attention by the q4_0 GEMV's probe alone, calibration v32, one probe before and after a point, attention's roofs
+# taken at other moments in whatever state the host was then, had Phi-3 Small's attention -10% to -26% on one
+# thread; not scaling it, a slow state took Small's and Medium's attention to -14% to -31%.) The serial kernels,
+# on one thread whatever the count, do not follow it (elasticity 0).
 PROBE_ELASTICITY_BY_PREFIX = {"gemv.": 1.0, "attention.": 0.5}
 
 

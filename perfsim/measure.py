@@ -402,8 +402,8 @@ def compute_probe_gflops(threads: int) -> float:
     the work of one, as if the two vCPUs shared a core); on one thread 56, and now and then 22-36. The
     memory-bound streaming pass does not see it; compute-heavy kernels do. Over 70 steps of Phi-3 Small at
     context 4000 on two threads, this probe taken before each step, in blocks of 5 steps, the GEMVs' and
-    attention's speed followed the block's mean probe (correlation 0.84 each). A probe taken once before and once after a
-    whole point (calibration v32) read either level for all its steps. perfsim.compare scales every
+    attention's speed followed the block's mean probe (correlation 0.84 each). A probe taken once before and
+    once after a whole point (calibration v32) read either level for all its steps. perfsim.compare scales every
     parallel kernel's compute roof by a step's probe over the profile's (with_same_run_host), and
     calibration states every roof at the profile's probe (_state_normalized), each at the kernel's
     elasticity (perfsim.device.probe_elasticity: the GEMVs 1, attention 0.5)."""
