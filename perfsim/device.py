@@ -327,6 +327,8 @@ def device_from_data(data, where: str) -> Device:
             "perfsim_version": c.text("perfsim_version"), "calibration_version": c.integer("calibration_version", minimum=1),
             "seconds": c.number("seconds", minimum=0),
         }
+        if c.data.get("cpu_id") is not None:  # vendor, family and model numbers (perfsim.calibrate.cpu_id); older profiles have none
+            calibration["cpu_id"] = c.text("cpu_id")
         if c.data.get("other_load_fraction") is not None:  # CPU time other processes took meanwhile, over the cores' time
             calibration["other_load_fraction"] = c.number("other_load_fraction", minimum=0)
         if c.data.get("stolen_fraction") is not None:  # vCPU time the hypervisor gave other guests meanwhile (/proc/stat steal)

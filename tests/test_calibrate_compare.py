@@ -25,7 +25,7 @@ PERFSIM = [shutil.which("perfsim")] if shutil.which("perfsim") else [sys.executa
 TINY = ModelSpec("tiny", n_layers=2, hidden_size=256, n_heads=4, n_kv_heads=2, intermediate_size=512, vocab_size=320, max_context=128)
 
 
-def fake_profile(bandwidth_gb_s=20.0, cpu_model=None, cores=None):
+def fake_profile(bandwidth_gb_s=20.0, cpu_model=None, cores=None, cpu_id=None):
     """A host profile in the calibration's schema, with made-up roofs (for file handling and arithmetic)."""
     fingerprint = calibrate.host_fingerprint()
     kernel = {"gflops": 50.0, "overlap": 0.5, "overhead_us": 4.0}
@@ -42,6 +42,7 @@ def fake_profile(bandwidth_gb_s=20.0, cpu_model=None, cores=None):
         }},
         "sources": {"memory": "test", "units": "test"},
         "calibration": dict(fingerprint, cpu_model=cpu_model or fingerprint["cpu_model"], cores=cores or fingerprint["cores"],
+                            cpu_id=cpu_id or fingerprint["cpu_id"],
                             measured_at="2026-01-01T00:00:00+00:00", perfsim_version="0.1.0", seconds=1.0),
     }
 
@@ -69,13 +70,15 @@ def test_an_invalid_measurement_is_never_written(cache):
     assert not calibrate.host_profile_path().exists()
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "stale cpu", "stale cores"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "stale cpu", "stale cpu generation", "stale cores"])
 def test_missing_corrupt_or_stale_profiles_are_remeasured_with_a_message(cache, monkeypatch, problem):
     path = calibrate.host_profile_path()
     if problem == "corrupt":
         path.write_text("name: host\nmemory: [\n")
     elif problem == "stale cpu":
         path.write_text(yaml.safe_dump(fake_profile(cpu_model="Some Other CPU")))
+    elif problem == "stale cpu generation":  # the same model name, as a KVM guest's Zen 3 and Zen 4 both read 'AMD EPYC'
+        path.write_text(yaml.safe_dump(fake_profile(cpu_id="AuthenticAMD family 25 model 1")))
     elif problem == "stale cores":
         path.write_text(yaml.safe_dump(fake_profile(cores=64)))
     monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=12.5))
@@ -83,8 +86,20 @@ def test_missing_corrupt_or_stale_profiles_are_remeasured_with_a_message(cache, 
     device = calibrate.load_host_profile(message=messages.append)
     assert device.peak_bandwidth_gb_s == 12.5
     assert len(messages) == 1 and {"missing": "no host profile", "corrupt": "unreadable", "stale cpu": "Some Other CPU",
-                                    "stale cores": "cores"}[problem] in messages[0]
+                                    "stale cpu generation": "family 25 model 1", "stale cores": "cores"}[problem] in messages[0]
     assert load_device_file(path).peak_bandwidth_gb_s == 12.5
+
+
+def test_cpu_id_tells_apart_what_the_model_name_does_not(tmp_path):
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n\n"
+    zen3, zen4 = tmp_path / "zen3", tmp_path / "zen4"
+    zen3.write_text(block.format(n=0, model=1) + block.format(n=1, model=1))
+    zen4.write_text(block.format(n=0, model=17) + block.format(n=1, model=99))  # the first processor's block is read
+    assert calibrate.cpu_id(str(zen3)) == "AuthenticAMD family 25 model 1"
+    assert calibrate.cpu_id(str(zen4)) == "AuthenticAMD family 25 model 17"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n\n")
+    assert calibrate.cpu_id(str(arm)) == calibrate.cpu_id(str(tmp_path / "missing")) == "unknown"
 
 
 def test_a_current_profile_is_used_as_it_is(cache, monkeypatch):
@@ -118,7 +133,8 @@ def test_a_calibration_in_a_slower_memory_state_than_the_one_before_says_so_each
         device = calibrate.calibrate_host()
         assert device.calibration["previous_bandwidth_gb_s_by_threads"] == previous and calibrate.slow_memory_warning(device) is None
     # another machine's profile is no reference, nor is an unreadable one
-    for old in (yaml.safe_dump(fake_profile(bandwidth_gb_s=30.0, cpu_model="Some Other CPU")), "name: host\nmemory: [\n"):
+    for old in (yaml.safe_dump(fake_profile(bandwidth_gb_s=30.0, cpu_model="Some Other CPU")),
+                yaml.safe_dump(fake_profile(bandwidth_gb_s=30.0, cpu_id="AuthenticAMD family 25 model 1")), "name: host\nmemory: [\n"):
         path.write_text(old)
         monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=7.3))
         device = calibrate.calibrate_host()
