@@ -110,8 +110,11 @@ RELATIVE_FLOOR, RELATIVE_CAP = 0.20, 0.25  # fractions of the baseline value (ra
 # The host error of a 15-round median moves with each gate run's own calibration, which the baseline's runs
 # (one calibration) do not see: over six fresh-clone CI runs, three of calibration v26 and three of v27, it came
 # out -0.123 (a first try; -0.064 on the second) to +0.112, against baselines of +0.10 and +0.01. Floor 0.15
-# (0.10 before v27, whose baseline of +0.099 hid that spread).
-ABSOLUTE_FLOOR, ABSOLUTE_CAP = 0.15, 0.20  # in the metric's units (signed prediction errors)
+# (0.10 before v27, whose baseline of +0.099 hid that spread). Floor 0.20, the cap (2026-12-07, the Zen 4 EPYC
+# guest, calibration v39): seven gates, each after a fresh calibration, ended at -0.035 to +0.165 at context 256
+# and -0.006 to +0.161 at 2048 against a baseline of -0.02 and -0.00, and three first tries read +0.17 to +0.29
+# (passed on the second); the baseline's own five runs spread 0.017 and 0.037.
+ABSOLUTE_FLOOR, ABSOLUTE_CAP = 0.20, 0.20  # in the metric's units (signed prediction errors)
 DETERMINISTIC_RTOL = 1e-9
 
 DIRECTIONS = ("higher", "lower", "abs_lower", "equal")
