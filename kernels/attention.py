@@ -705,8 +705,9 @@ def assembly(kernel, *args) -> str:
 
 
 def _vector_instruction_counts(asm: str) -> dict:
+    """Instructions on 8 f32 lanes or more: ymm (LLVM's choice for Skylake-SP and Zen 3) or zmm (for Zen 4)."""
     lines = asm.splitlines()
-    count = lambda op: sum(1 for line in lines if op in line and "ymm" in line)  # noqa: E731
+    count = lambda op: sum(1 for line in lines if op in line and ("ymm" in line or "zmm" in line))  # noqa: E731
     return {op: count(op) for op in ("vcvtph2ps", "vfmadd", "vcvtdq2ps")}
 
 
@@ -730,7 +731,7 @@ def main(formats=KV_FORMATS, contexts=(512, 2048, 4096), rounds=7, shapes=PHI3_A
         ("_qk_scores f16", _qk_scores, (np.ones((1, 96), np.float32), np.ones((8, 96), np.uint16), 8, np.empty((1, 8), np.float32), np.empty(1, np.float32))),
         ("_weighted_values f16", _weighted_values, (np.ones((1, 8), np.float32), np.ones((8, 96), np.uint16), 8, np.zeros((1, 96), np.float32))),
     ):
-        print(f"{name}: ymm instruction counts {_vector_instruction_counts(assembly(kernel, *args))}")
+        print(f"{name}: ymm/zmm instruction counts {_vector_instruction_counts(assembly(kernel, *args))}")
 
     # Enough layers that one sweep (>= 100 MB at 512 f16, 16 x 6.3 MB for Mini) dwarfs the 32 MB L3: each
     # call reads its layer from DRAM, as in decode.
