@@ -138,13 +138,23 @@ def host_profile_path() -> Path:
     return cache_dir() / "host.yaml"
 
 
-def cpu_model() -> str:
+def _cpuinfo_fields(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The first processor's block of /proc/cpuinfo as {key: value}; {} where there is none."""
+    fields = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    if name := _cpuinfo_fields().get("model name"):
+        return name
     import platform
 
     return platform.processor() or platform.machine()
@@ -154,15 +164,7 @@ def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's vendor, family and model numbers ('AuthenticAMD family 25 model 17'), from /proc/cpuinfo; 'unknown'
     where it has none. A KVM guest's model name can hide the generation: this project's Zen 3 host and its Zen 4 host
     (AVX-512, 2 MiB of L2 a core; the one-thread stream 20-28 GB/s against 17-21) were both 'AMD EPYC'."""
-    fields = {}
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():
-                break  # the first processor's block is enough
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return "unknown"
+    fields = _cpuinfo_fields(cpuinfo)
     if "cpu family" not in fields or "model" not in fields:
         return "unknown"
     return f"{fields.get('vendor_id', '?')} family {fields['cpu family']} model {fields['model']}"

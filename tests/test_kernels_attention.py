@@ -247,16 +247,12 @@ def test_attention_rejects_bad_arguments():
 # --- the inner loops vectorize --------------------------------------------------------------------------
 
 
-def wide_count(asm, op):
-    """Instructions `op` on 8 lanes of f32 or more: ymm (LLVM's choice for Skylake-SP) or zmm (for Zen 4)."""
-    return sum(1 for line in asm.splitlines() if op in line and ("ymm" in line or "zmm" in line))
-
-
 def test_f16_dot_and_axpy_loops_use_8_wide_f16c_and_fma():
     q, k = np.ones((1, 96), np.float32), np.ones((8, 96), np.uint16)
     scores, score_max, acc = np.empty((1, 8), np.float32), np.empty(1, np.float32), np.zeros((1, 96), np.float32)
     for asm in (at.assembly(at._qk_scores, q, k, 8, scores, score_max), at.assembly(at._weighted_values, scores, k, 8, acc)):
-        assert wide_count(asm, "vcvtph2ps") >= 4 and wide_count(asm, "vfmadd") >= 4
+        counts = at._vector_instruction_counts(asm)  # on 8 f32 lanes or more: ymm (Skylake-SP, Zen 3) or zmm (Zen 4)
+        assert counts["vcvtph2ps"] >= 4 and counts["vfmadd"] >= 4
 
 
 # --- cost formulas, pinned by hand ------------------------------------------------------------------------
