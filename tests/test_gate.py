@@ -5,6 +5,7 @@ is made 1.5x slower."""
 import argparse
 import dataclasses
 import io
+import itertools
 import json
 import statistics
 import time
@@ -476,12 +477,14 @@ def test_measure_rounds_reads_the_cpu_speed_probe_and_keeps_going_for_rounds_in_
 
 
 def test_the_baseline_records_the_cpu_speed_probe_and_a_check_judges_rounds_by_it(fake, tmp_path, monkeypatch):
-    seen = []
+    seen, streams = [], []
 
     def probes(host):
         def measure():
             seen.append(host.cpu_speed_baseline.get("kern.speed"))
-            return gate.Sample(1.0, spread=0.001, rounds=15, total_rounds=15, detail={"cpu_speed_gflops": 21.0 + len(seen)})
+            streams.append(host.stream_baseline.get("kern.speed"))
+            return gate.Sample(1.0, spread=0.001, rounds=15, total_rounds=15,
+                               detail={"threads": 1, "cpu_speed_gflops": 21.0 + len(seen), "stream_gb_s": 30.0 + 2 * len(seen)})
         return [gate.Probe("kern.speed", "fake kernel", "higher", "relative", measure)]
 
     monkeypatch.setitem(gate.SUITES, "kern", ("fake kernels", probes))
@@ -489,14 +492,21 @@ def test_the_baseline_records_the_cpu_speed_probe_and_a_check_judges_rounds_by_i
     assert gate_run(path, update=True, runs=3, suites=("kern",)) == 0
     entry = json.loads(path.read_text())["metrics"]["kern.speed"]
     assert entry["cpu_speed_gflops"] == 23.0  # the median of the three runs' 22, 23, 24
-    assert seen == [None] * 3  # an update judges no round by a baseline's state
+    assert entry["stream_gb_s"] == 34.0  # and of their passes, 32, 34, 36
+    assert seen == [None] * 3 and streams == [None] * 3  # an update judges no round by a baseline's state
     assert gate_run(path, suites=("kern",)) == 0
     assert seen[-1] == 23.0  # a check hands the baseline's probe to the measurement
+    assert streams[-1] == 34.0  # and its pass
 
     data = json.loads(path.read_text())
     data["metrics"]["kern.speed"]["cpu_speed_gflops"] = -1
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match="cpu_speed_gflops"):
+        gate.load_baseline(path)
+    data["metrics"]["kern.speed"]["cpu_speed_gflops"] = 23.0
+    data["metrics"]["kern.speed"]["stream_gb_s"] = "fast"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="stream_gb_s.*GB/s"):
         gate.load_baseline(path)
 
 
@@ -520,3 +530,83 @@ def test_failing_attempts_with_a_slow_cpu_are_remeasured_without_using_up_retrie
     assert len(row["attempts"]) == 1 + 1 + gate.RETRIES
     assert "1 metric(s) got fewer than 5 clean rounds in the baseline's CPU-speed state" in capsys.readouterr().out
     assert "slow CPU" in row["note"] and "14.0 GFLOP/s against 21.5" in row["note"] and "run the gate again" in row["note"]
+
+# --- the memory state of kernel rounds ---------------------------------------------------------------------
+
+
+def _memory_round(ratio_s: float, stream_gb_s: float, in_memory_state: bool, in_state: bool = True) -> "gate.Round":
+    return gate.Round(stream_gb_s=stream_gb_s, work_s=ratio_s, clean=True, cpu_speed_gflops=21.0, in_state=in_state,
+                      in_memory_state=in_memory_state)
+
+
+def test_a_kernel_metric_counts_only_rounds_in_the_baselines_memory_state():
+    """Of the rounds in the baseline's CPU-speed state, those whose pass read beyond MEMORY_STATE_RATIO of the
+    baseline's are left out while at least MIN_CLEAN_ROUNDS were in it; with fewer, the median of the rounds in
+    the CPU-speed state, flagged other memory state; the CPU-speed state is judged first."""
+    usual = [_memory_round(1.0, 33.0, True) for _ in range(6)]
+    fast_memory = [_memory_round(1.3, 48.0, False) for _ in range(9)]  # the majority: a lower share of a faster pass
+    rounds = gate.Rounds(2, tuple(usual + fast_memory), cpu_speed_baseline=21.5, stream_baseline=33.5)
+    sample = rounds.sample(lambda r: r.work_s)
+    assert sample.value == 1.0 and sample.rounds == 6 and not sample.other_memory_state and not sample.slow_cpu
+    assert sample.detail["stream_gb_s"] == 33.0 and sample.detail["in_memory_state_rounds"] == 6
+    assert sample.detail["stream_baseline_gb_s"] == 33.5
+
+    rounds = gate.Rounds(2, tuple(usual[:4] + fast_memory), cpu_speed_baseline=21.5, stream_baseline=33.5)  # 4: too few
+    sample = rounds.sample(lambda r: r.work_s)
+    assert sample.other_memory_state and not sample.slow_cpu and sample.value == 1.3 and sample.rounds == 13
+
+    slow_cpu = [_memory_round(2.0, 33.0, True, in_state=False) for _ in range(9)]
+    rounds = gate.Rounds(2, tuple(usual[:4] + slow_cpu), cpu_speed_baseline=21.5, stream_baseline=33.5)
+    sample = rounds.sample(lambda r: r.work_s)
+    assert sample.slow_cpu and not sample.other_memory_state and sample.rounds == 13  # all clean rounds
+
+
+def test_measure_rounds_judges_each_rounds_pass_against_the_baselines(monkeypatch):
+    import numpy as np
+
+    import perfsim.kernels.stream as stream_kernels
+
+    host = gate.Host()
+    host._stream = np.arange(1 << 18, dtype=np.int64)
+    nbytes = host._stream.nbytes
+    # a pass's GB/s is its bytes over its wall time: spinning (CPU time, so the round is clean) makes it read
+    # about 1, 2 (the baseline's) or 4 GB/s in turn
+    durations = itertools.chain([nbytes / 2e9], itertools.cycle([nbytes / 1e9, nbytes / 2e9, nbytes / 4e9]))
+
+    def spin(data):
+        end = time.perf_counter() + next(durations)
+        while time.perf_counter() < end:
+            pass
+
+    monkeypatch.setattr(stream_kernels, "sum_int64", spin)
+    work = np.ones(1 << 18)
+    rounds = gate.measure_rounds(host, 1, work.sum, target=4, budget_s=5.0, stream_baseline=2.0)
+    ratios = [r.stream_gb_s / 2.0 for r in rounds.rounds[:3]]
+    assert ratios[0] < 1 / gate.MEMORY_STATE_RATIO and 1 / gate.MEMORY_STATE_RATIO <= ratios[1] <= gate.MEMORY_STATE_RATIO
+    assert ratios[2] > gate.MEMORY_STATE_RATIO
+    assert [r.in_memory_state for r in rounds.rounds[:3]] == [False, True, False]
+    in_state_clean = sum(r.clean and r.in_memory_state for r in rounds.rounds)
+    assert in_state_clean == 4 and len(rounds.rounds) > 4  # stopped at 4 clean rounds in state, not at 4 rounds
+    assert rounds.stream_baseline == 2.0
+
+
+def test_failing_attempts_in_another_memory_state_are_remeasured_without_using_up_retries(baselined, fake, monkeypatch, tmp_path):
+    monkeypatch.setattr(gate, "MEMORY_STATE_PAUSE_S", 0.0)
+    fake.values["fake.speed"] = [0.6] * 3 + [0.97]
+    _mark_samples(fake, "fake.speed", lambda s: dataclasses.replace(
+        s, other_memory_state=s.value == 0.6, detail={"threads": 2, "stream_gb_s": 48.0 if s.value == 0.6 else 33.0, "stream_baseline_gb_s": 33.5,
+                                                      "in_memory_state_rounds": 1}))
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, json_path=report) == 0
+    row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
+    assert row["attempts"] == [0.6] * 3 + [0.97]
+    assert [d["other_memory_state"] for d in row["attempt_details"]] == [True] * 3 + [False]
+    assert [d["stream_gb_s"] for d in row["attempt_details"]] == [48.0] * 3 + [33.0]
+    assert "3 of them in another memory state" in row["note"]
+
+    monkeypatch.setattr(gate, "MEMORY_STATE_RETRIES", 0)  # no budget: such attempts count like any other
+    fake.values["fake.speed"] = [0.6] * 5
+    assert gate_run(baselined, json_path=report) == 1
+    row = next(r for r in json.loads(report.read_text())["metrics"] if r["name"] == "fake.speed")
+    assert len(row["attempts"]) == 1 + gate.RETRIES and "other memory state: 1 clean rounds" in row["note"]
+    assert "streaming pass 48.0 GB/s against 33.5" in row["note"]
