@@ -26,6 +26,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = _positive_int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _add_memory_state_option(p, prefix: str):
+    from perfsim.compare import MEMORY_STATE_PAUSE_S, MEMORY_STATE_RANGE, MEMORY_STATE_REMEASURES
+
+    p.add_argument("--memory-state-retries", type=_nonnegative_int, default=MEMORY_STATE_REMEASURES, metavar="N",
+                   help=f"{prefix}measure a run again, {MEMORY_STATE_PAUSE_S:g} s later, up to N times, while its weights read outside "
+                        f"{MEMORY_STATE_RANGE[0]:g}-{MEMORY_STATE_RANGE[1]:g}x the calibration's bandwidth, and compare the closest "
+                        f"(default {MEMORY_STATE_REMEASURES}; 0: never)")
+
+
 def _add_model_options(p):
     p.add_argument("--model", default="phi-3-mini", help="preset name (see 'perfsim models') or a Hugging Face config.json path")
     p.add_argument("--weights", "--quant", dest="weights", default="q4_0", help="weight format: f32, f16, q8_0, q4_0, int4_gN (default q4_0)")
@@ -51,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores of a CPU unit)")
     p.add_argument("--gguf", metavar="PATH", help="with --device host: decode this Phi-3 GGUF (default: random weights)")
     p.add_argument("--tokens", type=_positive_int, default=16, help="with --device host: tokens decoded and timed (default 16)")
+    _add_memory_state_option(p, "with --device host: ")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_profile)
 
@@ -78,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     # tokens/s within 10% at 94% (Mini) and 91% (Small) of points, all 16 at 96% and 95%.
     p.add_argument("--tokens", type=_positive_int, default=16, help="tokens timed per point (default 16)")
     p.add_argument("--output", metavar="PATH", help="also write the records as JSON lines to PATH")
+    _add_memory_state_option(p, "")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p.set_defaults(func=cmd_sweep)
 
@@ -147,7 +165,7 @@ def cmd_profile_host(args) -> int:
     weights = None if gguf else args.weights
     plan = plan_run(gguf, model, weights, args.kv_cache, args.context, args.tokens, args.threads)
     device = load_host_profile(progress=None if args.json else progress_bar, message=_progress)
-    measurement = execute(plan, progress=None if args.json else _progress)
+    measurement = execute(plan, None if args.json else _progress, device, args.memory_state_retries)
     comparison = compare(device, measurement)
     print(json.dumps(comparison_record(comparison), indent=2) if args.json else format_comparison(comparison))
     return 0
@@ -220,6 +238,7 @@ def progress_bar(done: int, total: int, what: str) -> None:
 
 def cmd_sweep(args) -> int:
     from perfsim.calibrate import load_host_profile
+    from perfsim.compare import MEMORY_STATE_RANGE, memory_state_warning
     from perfsim.measure import available_threads
     from perfsim.report import table
     from perfsim.sweep import parse_list, plan_sweep, run_sweep
@@ -231,21 +250,23 @@ def cmd_sweep(args) -> int:
     plan = plan_sweep(plan_args, contexts, threads, args.tokens)
     device = load_host_profile(progress=progress_bar, message=_progress)
     rows, records = [], []
-    for record in run_sweep(device, plan, contexts, threads, args.tokens, args.output, None if args.json else progress_bar):
+    for record in run_sweep(device, plan, contexts, threads, args.tokens, args.output, None if args.json else progress_bar,
+                            args.memory_state_retries, say=_progress):
         if args.json:
             print(json.dumps(record), flush=True)
         records.append(record)
         g = record["groups"]
         rows.append([record["threads"], record["context"], f"{record['predicted_tokens_per_s']:.2f}", f"{record['measured_tokens_per_s']:.2f}",
                      f"{100 * record['error']:+.1f}%"] + [f"{100 * g[k]['error']:+.1f}%" if k in g else "" for k in ("gemv", "attention", "rest")]
-                    + [len(record["set_aside_step_seconds"]), f"{100 * record['stolen_fraction']:.0f}%"])
+                    + [len(record["set_aside_step_seconds"]), f"{100 * record['stolen_fraction']:.0f}%",
+                       f"{record['memory_state_ratio']:.2f}x", 1 + len(record["set_aside_memory_state_ratios"])])
     if not args.json:
-        print(table(["threads", "context", "predicted tok/s", "measured tok/s", "error", "gemv", "attention", "rest", "re-run", "stolen"], rows,
-                    "rrrrrrrrrr"))
+        print(table(["threads", "context", "predicted tok/s", "measured tok/s", "error", "gemv", "attention", "rest", "re-run", "stolen",
+                     "memory", "tries"], rows, "rrrrrrrrrrrr"))
         print("re-run: steps run again because the hypervisor stole vCPU time during them (/proc/stat steal); stolen: what it still took "
-              "during the steps kept, over their wall time")
-    from perfsim.compare import memory_state_warning
-
+              "during the steps kept, over their wall time; memory: the weights' passes over the calibration's read bandwidth; "
+              "tries: runs of the point (another is made while memory is outside "
+              f"{MEMORY_STATE_RANGE[0]:g}-{MEMORY_STATE_RANGE[1]:g}x, up to --memory-state-retries)")
     for record in records:
         warning = memory_state_warning(record["memory_state_ratio"], record["threads"])
         if warning:

@@ -67,6 +67,9 @@ class Measurement:
     step_kv_stream_gb_s: tuple = ()  # each step's K/V pass, same order as step_seconds
     compute_gflops: float = 0.0  # median of the compute probes run before each step (compute_probe_gflops; 0: none)
     step_compute_gflops: tuple = ()  # each step's compute probe, same order as step_seconds
+    # memory-state ratios of whole runs measured again because the host's memory was in another state than when
+    # calibrated (perfsim.compare.measured_in_calibrated_state), in the order they ran
+    set_aside_memory_state_ratios: tuple = ()
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -481,6 +484,7 @@ def measurement_record(m: Measurement) -> dict:
         "step_steal_s": list(m.step_steal_s),
         "stolen_fraction": m.stolen_fraction,
         "set_aside_step_seconds": list(m.set_aside_step_seconds),
+        "set_aside_memory_state_ratios": list(m.set_aside_memory_state_ratios),
         "weights": m.weights_origin,
         "ops": [{"name": name, "kind": kinds[name], "time_s": m.op_time_s(name)} for name in m.op_seconds],
     }

@@ -254,6 +254,10 @@ def format_comparison(c) -> str:
     lines += ["", f"load {m.load_s:.1f} s, JIT warm-up {m.warmup_s:.2f} s, peak resident memory {m.peak_rss_bytes / GB:.2f} GB"]
     if m.set_aside_step_seconds:
         lines.append(f"{len(m.set_aside_step_seconds)} steps were run again: the hypervisor took vCPU time for other guests during them (steal)")
+    if m.set_aside_memory_state_ratios:
+        lines.append(f"measured {len(m.set_aside_memory_state_ratios) + 1} times: earlier runs' weights read "
+                     f"{', '.join(f'{r:.2f}x' for r in m.set_aside_memory_state_ratios)} the calibration's bandwidth (the host's "
+                     "memory in another state than when calibrated); this one is the closest to it")
     if m.stolen_fraction > 0:
         lines.append(f"the hypervisor took {100 * m.stolen_fraction:.0f}% of the steps' wall time in vCPU time for other guests (steal): "
                      "the measurement includes that disturbance")

@@ -50,7 +50,10 @@ def plan_run(gguf_path=None, model_name=None, weights=None, kv_cache="f16", cont
     return RunPlan(None, model, weight_format.name, kv_cache, context, n_tokens, threads, seed)
 
 
-def execute(plan: RunPlan, progress=None) -> Measurement:
+def execute(plan: RunPlan, progress=None, calibrated=None, memory_state_remeasures: int = 0) -> Measurement:
+    """Loads or generates the weights, then measures decode. Given the `calibrated` host profile, a run whose memory
+    state disagrees with it is measured again, up to `memory_state_remeasures` times
+    (perfsim.compare.measured_in_calibrated_state)."""
     from perfsim.engine import Engine  # imports the kernels (and, on first call, Numba)
 
     say = progress or (lambda message: None)
@@ -64,7 +67,12 @@ def execute(plan: RunPlan, progress=None) -> Measurement:
         engine = Engine.random(plan.model, plan.weight_format, plan.kv_cache, plan.seed)
     load_s = time.perf_counter() - start
     say(f"decoding {plan.n_tokens} tokens up to context {plan.context} with {plan.threads} threads ...")
-    return measure_decode(engine, plan.context, plan.n_tokens, plan.threads, load_s, plan.seed)
+    measure = lambda: measure_decode(engine, plan.context, plan.n_tokens, plan.threads, load_s, plan.seed)  # noqa: E731
+    if calibrated is None:
+        return measure()
+    from perfsim.compare import measured_in_calibrated_state
+
+    return measured_in_calibrated_state(calibrated, measure, memory_state_remeasures, say=say)
 
 
 def run_host(gguf_path=None, model_name=None, weights=None, kv_cache="f16", context=256, n_tokens=16, threads=None, seed=0,

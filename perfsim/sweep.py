@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from perfsim.compare import coarse_group, compare, group_summary
+from perfsim.compare import MEMORY_STATE_REMEASURES, coarse_group, compare, group_summary, measured_in_calibrated_state
 from perfsim.errors import UserError
 from perfsim.measure import check_threads, measure_decode
 from perfsim.run import plan_run
@@ -34,8 +34,11 @@ def plan_sweep(plan_args: dict, contexts: list[int], threads: list[int], n_token
     return [plan_run(context=c, n_tokens=n_tokens, threads=threads[0], **plan_args) for c in sorted(contexts)][-1]
 
 
-def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: int, output_path=None, progress=None):
-    """Yields one record per (threads, context) point; appends each as a JSON line to output_path."""
+def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: int, output_path=None, progress=None,
+              memory_state_remeasures: int = MEMORY_STATE_REMEASURES, say=None):
+    """Yields one record per (threads, context) point; appends each as a JSON line to output_path. A point measured
+    while the host's memory was in another state than when calibrated is measured again, up to
+    `memory_state_remeasures` times (perfsim.compare.measured_in_calibrated_state; `say` gets its messages)."""
     from perfsim.engine import Engine
 
     if plan.gguf_path:
@@ -49,7 +52,8 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
             if progress:
                 progress(i, len(points), f"{t} threads, context {c}")
             start = time.perf_counter()
-            measurement = measure_decode(engine, c, n_tokens, t)
+            measurement = measured_in_calibrated_state(device, lambda: measure_decode(engine, c, n_tokens, t), memory_state_remeasures,
+                                                       say=say)
             comparison = compare(device, measurement)
             step_groups = comparison.step_groups(coarse_group)
             record = {
@@ -75,6 +79,7 @@ def run_sweep(device, plan, contexts: list[int], threads: list[int], n_tokens: i
                 "step_compute_gflops": list(measurement.step_compute_gflops),
                 "calibrated_compute_gflops": device.unit().compute_probe_gflops_by_threads.get(t),
                 "memory_state_ratio": comparison.memory_state_ratio,
+                "set_aside_memory_state_ratios": list(measurement.set_aside_memory_state_ratios),
                 "seconds": time.perf_counter() - start,
             }
             if out:

@@ -308,7 +308,7 @@ def test_a_step_whose_passes_the_hypervisor_stole_from_is_run_again_passes_inclu
     assert len(m.set_aside_step_seconds) == 1 and m.step_steal_s == (0.0,) * 4 and len(m.step_stream_gb_s) == 4
 
 
-def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
+def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path, monkeypatch):
     from perfsim.gguf_io import Phi3Arch, write_random_phi3_gguf
 
     gguf = tmp_path / "tiny.gguf"
@@ -316,7 +316,8 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
     # a calibration at 1000 GB/s: every point's weights' pass reads far below it, and each says so
     calibrate.host_profile_path().write_text(yaml.safe_dump(fake_profile(bandwidth_gb_s=1000.0)))
     output = tmp_path / "sweep.jsonl"
-    command = [sys.executable, "-m", "perfsim", "sweep", "--gguf", str(gguf), "--threads", "1", "--tokens", "2", "--output", str(output)]
+    command = [sys.executable, "-m", "perfsim", "sweep", "--gguf", str(gguf), "--threads", "1", "--tokens", "2", "--output", str(output),
+               "--memory-state-retries", "0"]
     result = subprocess.run(command + ["--contexts", "16,32"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
@@ -342,6 +343,19 @@ def test_sweep_writes_one_record_a_point_and_the_table(cache, tmp_path):
     assert "re-run" in result.stdout and [row[1] for row in rows] == ["16", "32"]
     assert [int(row[8]) for row in rows] == [len(r["set_aside_step_seconds"]) for r in records]
     assert rows[1][4] == f"{100 * records[1]['error']:+.1f}%"
+    # the memory-state ratio of each point, and one try each: --memory-state-retries 0 measures no point again
+    assert [row[10] for row in rows] == [f"{r['memory_state_ratio']:.2f}x" for r in records] and [row[11] for row in rows] == ["1", "1"]
+    assert all(r["set_aside_memory_state_ratios"] == [] for r in records) and "measuring again" not in result.stderr
+    # by default such a point is measured again (here, in process and without the pause, once more)
+    import perfsim.compare
+    from perfsim.sweep import plan_sweep, run_sweep
+
+    monkeypatch.setattr(perfsim.compare, "MEMORY_STATE_PAUSE_S", 0.0)
+    plan = plan_sweep(dict(gguf_path=str(gguf), model_name=None, weights=None, kv_cache="f16"), [16], [1], 2)
+    said = []
+    (record,) = run_sweep(calibrate.load_host_profile(), plan, [16], [1], 2, memory_state_remeasures=1, say=said.append)
+    assert len(record["set_aside_memory_state_ratios"]) == 1 and record["set_aside_memory_state_ratios"][0] < 0.8
+    assert len(said) == 1 and "measuring again in 0 s (attempt 2 of 2)" in said[0]
 
     output.unlink()
     bad = subprocess.run(command + ["--contexts", "16,x"], capture_output=True, text=True, timeout=600)
@@ -488,6 +502,36 @@ def test_a_run_whose_memory_state_differs_from_its_calibrations_says_so():
     data["units"]["cpu"]["single_thread_bandwidth_gb_s"] = 10.0
     c = compare(device_from_data(data, "fake.yaml"), dataclasses.replace(measurement, step_stream_gb_s=(28.0, 29.0, 30.0, 31.0)))
     assert c.memory_state_ratio == 0.0 and "warning" not in format_comparison(c)
+
+
+def test_a_run_in_another_memory_state_is_measured_again_and_the_closest_attempt_kept(monkeypatch):
+    """measured_in_calibrated_state: again while the ratio is outside MEMORY_STATE_RANGE, up to `remeasures` more
+    times; the attempt closest to the calibration's state (by the ratio's logarithm) is kept, with the others' ratios."""
+    from perfsim.compare import measured_in_calibrated_state
+    from perfsim.device import device_from_data
+    from perfsim.report import format_comparison
+
+    device = device_from_data(fake_profile(bandwidth_gb_s=20.0), "fake.yaml")
+    measurement = measure_decode(Engine.random(TINY, "q4_0", "f16"), context=32, n_tokens=4, threads=1)
+
+    def attempts(*ratios):
+        runs = iter([dataclasses.replace(measurement, step_stream_gb_s=(20.0 * r,) * 4) for r in ratios])
+        return lambda: next(runs)
+
+    said = []
+    kept = measured_in_calibrated_state(device, attempts(1.5, 1.4, 1.1, 1.0), 3, pause_s=0.0, say=said.append)
+    assert kept.step_stream_gb_s == (22.0,) * 4 and kept.set_aside_memory_state_ratios == pytest.approx((1.5, 1.4))
+    assert len(said) == 2 and "read 1.50x the calibration's bandwidth at 1 thread(s)" in said[0] and "attempt 2 of 4" in said[0]
+    # none in range: the budget spent, the closest by log ratio (0.7: |ln| 0.357) beats 1.45 (0.372)
+    kept = measured_in_calibrated_state(device, attempts(1.5, 0.7, 1.45), 2, pause_s=0.0)
+    assert kept.step_stream_gb_s == (14.0,) * 4 and kept.set_aside_memory_state_ratios == pytest.approx((1.5, 1.45))
+    text = format_comparison(compare(device, kept))
+    assert "measured 3 times: earlier runs' weights read 1.50x, 1.45x the calibration's bandwidth" in text
+    assert measured_in_calibrated_state(device, attempts(1.5, 1.0), 0).set_aside_memory_state_ratios == ()  # never again
+    # in range at once: measured once, nothing set aside, nothing said
+    said.clear()
+    assert measured_in_calibrated_state(device, attempts(1.2, 5.0), 2, say=said.append).set_aside_memory_state_ratios == ()
+    assert said == [] and "measured" not in format_comparison(compare(device, measurement)).split("\n")[-1]
 
 
 def test_the_kv_bytes_of_a_run_stream_at_its_kv_pass_and_the_rest_at_its_streaming_pass():
