@@ -628,15 +628,23 @@ def machine_fingerprint() -> dict:
     from perfsim.calibrate import host_fingerprint
 
     fingerprint = host_fingerprint()
-    return {"cpu_model": fingerprint["cpu_model"], "cores": fingerprint["cores"]}
+    return {"cpu_model": fingerprint["cpu_model"], "cores": fingerprint["cores"], "cpu_id": fingerprint["cpu_id"]}
 
 
 def same_machine(a: dict, b: dict) -> bool:
     return a.get("cpu_model") == b.get("cpu_model") and a.get("cores") == b.get("cores")
 
 
+def other_generation(a: dict, b: dict) -> bool:
+    """Same model name and cores, but both record a CPU generation (perfsim.calibrate.cpu_id) and they differ. A KVM
+    guest's model name can hide it: the Zen 3 and Zen 4 EPYC guests both read 'AMD EPYC', and their same-run ratios
+    differ (default_baseline_path). Such a baseline is still compared, with a note; baselines made before
+    2026-12-08 record no generation."""
+    return same_machine(a, b) and bool(a.get("cpu_id")) and bool(b.get("cpu_id")) and a["cpu_id"] != b["cpu_id"]
+
+
 def describe_machine(m: dict) -> str:
-    return f"{m.get('cpu_model')!s}, {m.get('cores')} cores"
+    return f"{m.get('cpu_model')!s}, {m.get('cores')} cores" + (f", {m['cpu_id']}" if m.get("cpu_id") else "")
 
 
 def _finite(x) -> bool:
@@ -667,6 +675,8 @@ def load_baseline(path: Path) -> dict:
     machine = data.get("machine")
     if not isinstance(machine, dict) or not isinstance(machine.get("cpu_model"), str) or not isinstance(machine.get("cores"), int):
         raise bad("\"machine\" must hold \"cpu_model\" (text) and \"cores\" (a whole number)")
+    if "cpu_id" in machine and not isinstance(machine["cpu_id"], str):
+        raise bad(f"\"machine\": \"cpu_id\" must be text (e.g. \"AuthenticAMD family 25 model 17\"), got {machine['cpu_id']!r}")
     metrics = data.get("metrics")
     if not isinstance(metrics, dict):
         raise bad("\"metrics\" must be an object of metric name -> {value, tolerance, direction}")
@@ -872,6 +882,10 @@ def run_gate(suites: list[str] | None, baseline_path, update_baseline: bool, jso
                              "compared anyway as --allow-other-machine asks: only same-run-normalized ratios are compared (kernel and "
                              "decode rates over this run's stream bandwidth, prediction errors) and deterministic predictions, never an "
                              "absolute speed; the tolerances are that machine's")
+            elif other_generation(baseline["machine"], machine):
+                notes.append(f"baseline from another CPU generation under the same name ({baseline['machine']['cpu_id']}; this is "
+                             f"{machine['cpu_id']}): its values and tolerances may not fit this CPU; if metrics fail here, make a "
+                             "baseline on this machine (--update-baseline)")
             rows = _check(host, suite_names, metrics, baseline, tell, other)
     finally:
         _restore_threads(previous_threads)
@@ -1025,7 +1039,7 @@ def _update(host: Host, suite_names, patterns, path: Path, machine: dict, runs: 
         except UserError as e:
             notes.append(f"the previous baseline was unreadable and is replaced ({e})")
         else:
-            if same_machine(old["machine"], machine):
+            if same_machine(old["machine"], machine) and not other_generation(old["machine"], machine):
                 existing = old["metrics"]
             else:
                 notes.append(f"the previous baseline came from another machine ({describe_machine(old['machine'])}): replaced entirely")

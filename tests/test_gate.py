@@ -212,6 +212,38 @@ def test_other_machine_is_refused_then_compared_with_the_flag(baselined, capsys,
     assert rows["fake.only_there"]["verdict"] == "not measured" and rows["fake.speed"]["verdict"] == "pass"
 
 
+def test_a_baseline_from_another_cpu_generation_under_the_same_name_is_compared_with_a_note(baselined, fake, capsys, tmp_path):
+    """Same model name and cores (a KVM guest's 'AMD EPYC' on Zen 3 or Zen 4): compared, not refused, with a note
+    naming both generations; an update does not keep the other generation's metrics; a baseline recording no
+    generation is this machine's as before."""
+    ours = gate.machine_fingerprint()
+    assert isinstance(ours["cpu_id"], str) and ours["cpu_id"]  # recorded by every new baseline
+    data = json.loads(baselined.read_text())
+    data["machine"] = {**ours, "cpu_id": "AuthenticAMD family 25 model 1"}
+    baselined.write_text(json.dumps(data))
+    report = tmp_path / "r.json"
+    assert gate_run(baselined, json_path=report) == 0
+    notes = json.loads(report.read_text())["notes"]
+    assert any(f"another CPU generation under the same name (AuthenticAMD family 25 model 1; this is {ours['cpu_id']})" in n
+               for n in notes)
+    data["metrics"]["fake.only_there"] = dict(data["metrics"]["fake.speed"])  # a metric only that generation's baseline has
+    baselined.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert gate_run(baselined, update=True, runs=1) == 0
+    assert "fake.only_there" not in json.loads(baselined.read_text())["metrics"]  # replaced entirely
+    assert f"another machine ({ours['cpu_model']}, {ours['cores']} cores, AuthenticAMD family 25 model 1)" in capsys.readouterr().out
+
+    data = json.loads(baselined.read_text())
+    del data["machine"]["cpu_id"]  # made before generations were recorded: no note
+    baselined.write_text(json.dumps(data))
+    assert gate_run(baselined, json_path=report) == 0
+    assert not any("generation" in n for n in json.loads(report.read_text())["notes"])
+    data["machine"]["cpu_id"] = 17
+    baselined.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="cpu_id.*must be text"):
+        gate.load_baseline(baselined)
+
+
 def test_default_baseline_is_this_machines_and_a_missing_one_names_the_others(fake, tmp_path, monkeypatch):
     assert gate.machine_slug({"cpu_model": "Intel(R) Xeon(R) Processor @ 2.50GHz", "cores": 2}) == "intel-r-xeon-r-processor-2-50ghz-2-cores"
     assert gate.machine_slug({"cpu_model": "AMD EPYC", "cores": 2}) == "amd-epyc-2-cores"
