@@ -38,7 +38,8 @@ from a noisy baseline. Deterministic predictions get a 1e-9 relative tolerance.
 The baseline (JSON, committed) records the machine it came from (perfsim.calibrate.host_fingerprint),
 and gates/ keeps one per machine class, named after it (baseline-amd-epyc-2-cores.json): by default the
 gate compares against this machine's. A baseline from another CPU model or core count is refused unless
---allow-other-machine.
+--allow-other-machine; one from another CPU generation under the same model name (its cpu_id) is compared
+with a note.
 
 Exit codes: 0 pass, 1 a regression, 2 bad input (perfsim.errors.UserError).
 """
