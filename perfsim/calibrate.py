@@ -1137,9 +1137,35 @@ def slow_memory_warning(device: Device) -> str | None:
             "again later")
 
 
+# A calibration whose compute probe per thread at some thread count came out under this fraction of its one-thread
+# probe measured that thread count's roofs in a slower state of the CPU. The ratio was 0.63-1.09 in 20 calibrations on
+# the Zen 4 EPYC guest (2026-12-07) and about 1.0 on the Skylake-SP one (45 and 90, 30.5 and 64.3 GFLOP/s). Once it
+# was 0.41 (134 GFLOP/s on two threads, 162 on one; the sweeps' steps then read 193-224 on two): that round's
+# two-thread attention came out 18-45% slow and its serial ops 3-43%, as a run's probe rescales the GEMVs fully,
+# attention at elasticity 0.5 and the serial ops not at all, and tokens/s -4.5% to -18.3% at all 12 two-thread points.
+SLOW_COMPUTE_FRACTION = 0.5
+
+
+def slow_compute_warning(device: Device) -> str | None:
+    """A warning when `device`'s compute probe per thread at some thread count came out under SLOW_COMPUTE_FRACTION
+    of its one-thread probe (compute_probe_gflops_by_threads), else None."""
+    probes = device.unit().compute_probe_gflops_by_threads
+    if not probes.get(1):
+        return None
+    ratios = {t: gflops / t / probes[1] for t, gflops in probes.items() if t > 1}
+    slow = [t for t, ratio in ratios.items() if ratio < SLOW_COMPUTE_FRACTION]
+    if not slow:
+        return None
+    t = min(slow, key=ratios.get)
+    return (f"warning: this calibration's compute probe came out {probes[t]:.0f} GFLOP/s on {t} threads, {ratios[t]:.2f}x its one-thread "
+            f"{probes[1]:.0f} per thread: the CPU was in a slower state while the {t}-thread roofs were measured, and predictions at "
+            f"{t} threads may be too slow (its attention and serial ops up to 45% here): run 'perfsim calibrate' again")
+
+
 def calibration_warnings(device: Device) -> list[str]:
-    """What the profile's own record says may be wrong with its roofs: busy_host_warning, slow_memory_warning."""
-    return [w for w in (busy_host_warning(device), slow_memory_warning(device)) if w]
+    """What the profile's own record says may be wrong with its roofs: busy_host_warning, slow_memory_warning,
+    slow_compute_warning."""
+    return [w for w in (busy_host_warning(device), slow_memory_warning(device), slow_compute_warning(device)) if w]
 
 
 def calibrate_host(progress=None, path: Path | None = None) -> Device:
@@ -1166,8 +1192,8 @@ def stale_reason(device: Device) -> str | None:
 
 def load_host_profile(progress=None, message=None, recalibrate: bool = True) -> Device:
     """The saved host profile; missing, stale or corrupt, it is re-measured (with a message). One
-    calibrated on a busy host, or in a slower memory state than the calibration before it, is used with a
-    warning each time (busy_host_warning, slow_memory_warning)."""
+    calibrated on a busy host, in a slower memory state than the calibration before it, or with its CPU slower at
+    some thread count, is used with a warning each time (busy_host_warning, slow_memory_warning, slow_compute_warning)."""
     path = host_profile_path()
     tell = message or (lambda text: None)
     device, reason = None, None

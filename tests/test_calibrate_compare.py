@@ -108,6 +108,31 @@ def test_a_current_profile_is_used_as_it_is(cache, monkeypatch):
     assert calibrate.load_host_profile().peak_bandwidth_gb_s == 33.0
 
 
+def test_a_calibration_whose_cpu_ran_slow_at_some_thread_count_says_so_each_time_it_is_used(cache, monkeypatch, capsys):
+    """The compute probe per thread at a thread count under SLOW_COMPUTE_FRACTION of the one-thread probe: the
+    round-e calibration (134 GFLOP/s on two threads, 162 on one: 0.41) warns, the 0.63-1.09 of the others do not."""
+    from perfsim.cli import main
+    from perfsim.device import device_from_data
+
+    def profile(probes):
+        data = fake_profile()
+        data["units"]["cpu"]["compute_probe_gflops_by_threads"] = probes
+        return data
+
+    warning = calibrate.slow_compute_warning(device_from_data(profile({1: 162.0, 2: 134.0}), "e.yaml"))
+    assert "134 GFLOP/s on 2 threads, 0.41x its one-thread 162 per thread" in warning and "perfsim calibrate" in warning
+    for probes in ({1: 157.8, 2: 197.9}, {1: 147.1, 2: 321.5}, {1: 45.0, 2: 90.0}, {1: 162.0, 2: 162.0}, {2: 134.0}, {}):
+        assert calibrate.slow_compute_warning(device_from_data(profile(probes), "ok.yaml")) is None  # 0.63, 1.09, 1.0, 0.5, no one-thread probe
+    assert calibrate.slow_compute_warning(device_from_data(profile({1: 162.0, 2: 200.0, 4: 250.0}), "4.yaml")).count("on 4 threads") == 1
+
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile({1: 162.0, 2: 134.0}))
+    assert main(["calibrate"]) == 0
+    assert warning in capsys.readouterr().err
+    messages = []
+    calibrate.load_host_profile(message=messages.append)
+    assert messages == [warning]
+
+
 def test_a_calibration_in_a_slower_memory_state_than_the_one_before_says_so_each_time_it_is_used(cache, monkeypatch, capsys):
     from perfsim.cli import main
 
