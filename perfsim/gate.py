@@ -639,8 +639,8 @@ def same_machine(a: dict, b: dict) -> bool:
 def other_generation(a: dict, b: dict) -> bool:
     """Same model name and cores, but both record a CPU generation (perfsim.calibrate.cpu_id) and they differ. A KVM
     guest's model name can hide it: the Zen 3 and Zen 4 EPYC guests both read 'AMD EPYC', and their same-run ratios
-    differ (default_baseline_path). Such a baseline is still compared, with a note; baselines made before
-    2026-12-08 record no generation."""
+    differ (default_baseline_path). Such a baseline is still compared, with a note; older baselines record no
+    generation (the Skylake-SP one)."""
     return same_machine(a, b) and bool(a.get("cpu_id")) and bool(b.get("cpu_id")) and a["cpu_id"] != b["cpu_id"]
 
 

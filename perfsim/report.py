@@ -255,7 +255,7 @@ def format_comparison(c) -> str:
     if m.set_aside_step_seconds:
         lines.append(f"{len(m.set_aside_step_seconds)} steps were run again: the hypervisor took vCPU time for other guests during them (steal)")
     if m.set_aside_memory_state_ratios:
-        lines.append(f"measured {len(m.set_aside_memory_state_ratios) + 1} times: earlier runs' weights read "
+        lines.append(f"measured {len(m.set_aside_memory_state_ratios) + 1} times: the other runs' weights read "
                      f"{', '.join(f'{r:.2f}x' for r in m.set_aside_memory_state_ratios)} the calibration's bandwidth (the host's "
                      "memory in another state than when calibrated); this one is the closest to it")
     if m.stolen_fraction > 0:

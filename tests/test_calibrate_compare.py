@@ -551,7 +551,7 @@ def test_a_run_in_another_memory_state_is_measured_again_and_the_closest_attempt
     kept = measured_in_calibrated_state(device, attempts(1.5, 0.7, 1.45), 2, pause_s=0.0)
     assert kept.step_stream_gb_s == (14.0,) * 4 and kept.set_aside_memory_state_ratios == pytest.approx((1.5, 1.45))
     text = format_comparison(compare(device, kept))
-    assert "measured 3 times: earlier runs' weights read 1.50x, 1.45x the calibration's bandwidth" in text
+    assert "measured 3 times: the other runs' weights read 1.50x, 1.45x the calibration's bandwidth" in text
     assert measured_in_calibrated_state(device, attempts(1.5, 1.0), 0).set_aside_memory_state_ratios == ()  # never again
     # in range at once: measured once, nothing set aside, nothing said
     said.clear()
