@@ -1121,16 +1121,20 @@ def previous_reads(path: Path) -> dict:
     return {"previous_bandwidth_gb_s_by_threads": dict(old.unit().bandwidth_gb_s_by_threads), "previous_measured_at": saved["measured_at"]}
 
 
+def _lowest_under(ratios: dict, fraction: float) -> int | None:
+    """The thread count whose ratio is the lowest, if that is under `fraction`; else None."""
+    t = min(ratios, key=ratios.get, default=None)
+    return t if t is not None and ratios[t] < fraction else None
+
+
 def slow_memory_warning(device: Device) -> str | None:
     """A warning when `device`'s streaming read at some thread count came out under SLOW_MEMORY_FRACTION of the
     previous calibration's on this machine (previous_reads), else None."""
     previous = device.calibration.get("previous_bandwidth_gb_s_by_threads", {})
     now = device.unit().bandwidth_gb_s_by_threads
     ratios = {t: now[t] / previous[t] for t in now if t in previous}  # the loader keeps positive reads only
-    slow = [t for t, ratio in ratios.items() if ratio < SLOW_MEMORY_FRACTION]
-    if not slow:
+    if (t := _lowest_under(ratios, SLOW_MEMORY_FRACTION)) is None:
         return None
-    t = min(slow, key=ratios.get)
     return (f"warning: this calibration's streaming read came out {now[t]:.1f} GB/s on {t} thread(s), {ratios[t]:.2f}x the previous "
             f"calibration's {previous[t]:.1f} ({device.calibration.get('previous_measured_at', '?')}): the host's memory was in a slower "
             "state; predictions from such a profile have over-predicted tokens/s by up to 14% once it was back: run 'perfsim calibrate' "
@@ -1153,10 +1157,8 @@ def slow_compute_warning(device: Device) -> str | None:
     if not probes.get(1):
         return None
     ratios = {t: gflops / t / probes[1] for t, gflops in probes.items() if t > 1}
-    slow = [t for t, ratio in ratios.items() if ratio < SLOW_COMPUTE_FRACTION]
-    if not slow:
+    if (t := _lowest_under(ratios, SLOW_COMPUTE_FRACTION)) is None:
         return None
-    t = min(slow, key=ratios.get)
     return (f"warning: this calibration's compute probe came out {probes[t]:.0f} GFLOP/s on {t} threads, {ratios[t]:.2f}x its one-thread "
             f"{probes[1]:.0f} per thread: the CPU was in a slower state while the {t}-thread roofs were measured, and predictions at "
             f"{t} threads may be too slow (its attention and serial ops up to 45% here): run 'perfsim calibrate' again")
