@@ -237,10 +237,11 @@ def measure_host_panel(model: ModelSpec, formats: Formats, context: int) -> None
 def measured_host_record(model: ModelSpec, formats: Formats, context: int, say) -> dict:
     """The record of `perfsim profile --device host --json` for this configuration (random weights)."""
     from perfsim.calibrate import load_host_profile
-    from perfsim.compare import compare
+    from perfsim.compare import MEMORY_STATE_REMEASURES, compare
     from perfsim.report import comparison_record
     from perfsim.run import execute, plan_run
 
     plan = plan_run(model_name=model.name, weights=formats.weights.name, kv_cache=formats.kv_cache.name, context=context)
     device = load_host_profile(message=say)
-    return comparison_record(compare(device, execute(plan, progress=say)))
+    # as the CLI does by default: a run in another memory state than the calibration's is measured again
+    return comparison_record(compare(device, execute(plan, say, device, MEMORY_STATE_REMEASURES)))

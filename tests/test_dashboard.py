@@ -412,13 +412,14 @@ def test_host_page_buttons_calibrate_then_measure_and_show_the_result(monkeypatc
         # calibrated in a slower memory state than the calibration before it (calibrate.slow_memory_warning)
         calibration = {"seconds": 42.0, "previous_bandwidth_gb_s_by_threads": {1: 11.6}, "previous_measured_at": "2026-11-28T12:00:00+00:00"}
         return SimpleNamespace(calibration=calibration, display_name="Fake CPU (this host, calibrated)",
-                               unit=lambda: SimpleNamespace(bandwidth_gb_s_by_threads={1: 7.3}))
+                               unit=lambda: SimpleNamespace(bandwidth_gb_s_by_threads={1: 7.3}, compute_probe_gflops_by_threads={}))
 
     record = host_profile_record()
     monkeypatch.setattr(calibrate, "calibrate_host", fake_calibrate_host)
     monkeypatch.setattr(calibrate, "load_host_profile", lambda message=None: "host device")
     monkeypatch.setattr(run, "plan_run", lambda **plan: calls.append(plan) or "plan")
-    monkeypatch.setattr(run, "execute", lambda plan, progress=None: "measurement")
+    monkeypatch.setattr(run, "execute", lambda plan, progress=None, calibrated=None, memory_state_remeasures=0:
+                        calls.append((calibrated, memory_state_remeasures)) or "measurement")
     monkeypatch.setattr(compare, "compare", lambda device, measurement: (device, measurement))
     monkeypatch.setattr(report, "comparison_record", lambda comparison: record if comparison == ("host device", "measurement") else None)
     at = page("Host profile").run()
@@ -429,6 +430,7 @@ def test_host_page_buttons_calibrate_then_measure_and_show_the_result(monkeypatc
     at.button(key="measure").click().run()
     assert not at.exception and not at.error
     assert calls[1] == {"model_name": "phi-3-mini", "weights": "q4_0", "kv_cache": "f16", "context": 512}
+    assert calls[2] == ("host device", compare.MEMORY_STATE_REMEASURES)  # measured again in another memory state, as the CLI
     assert json.loads(Path(os.environ["PERFSIM_HOST_PROFILE"]).read_text()) == record  # saved for the Roofline page
     assert at.metric[1].value == f"{record['measured']['decode_tokens_per_s']:.2f}"
 
