@@ -1142,7 +1142,7 @@ def slow_memory_warning(device: Device) -> str | None:
 
 
 # A calibration whose compute probe per thread at some thread count came out under this fraction of its one-thread
-# probe measured that thread count's roofs in a slower state of the CPU. The ratio was 0.63-1.09 in 20 calibrations on
+# probe measured that thread count's roofs in a slower state of the CPU. The ratio was 0.63-1.09 in 19 calibrations on
 # the Zen 4 EPYC guest (2026-12-07) and about 1.0 on the Skylake-SP one (45 and 90, 30.5 and 64.3 GFLOP/s). Once it
 # was 0.41 (134 GFLOP/s on two threads, 162 on one; the sweeps' steps then read 193-224 on two): that round's
 # two-thread attention came out 18-45% slow and its serial ops 3-43%, as a run's probe rescales the GEMVs fully,
