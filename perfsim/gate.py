@@ -188,10 +188,9 @@ class Host:
         self._engine = None
         self._profile = None
         self.decode_cache = {}  # context -> Rounds of this run (see decode_rounds)
-        self.busy_retries_left = BUSY_RETRIES
-        self.slow_cpu_retries_left = SLOW_CPU_RETRIES
+        # a gate run's budget of re-measurements that use up no retry, per Sample flag (_free_retry_kinds)
+        self.free_retries_left = {"busy": BUSY_RETRIES, "slow_cpu": SLOW_CPU_RETRIES, "other_memory_state": MEMORY_STATE_RETRIES}
         self.cpu_speed_baseline = {}  # metric name -> the baseline's CPU-speed probe, GFLOP/s (kernel suite)
-        self.memory_state_retries_left = MEMORY_STATE_RETRIES
         self.stream_baseline = {}  # metric name -> the baseline's median streaming pass, GB/s (kernel suite)
 
     def new_run(self) -> None:
@@ -958,21 +957,12 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machin
             counted = 1  # attempts that count towards 1 + RETRIES
             while not passes(row.direction, row.baseline, row.tolerance, row.attempts[-1].value) and probe.tolerance != "exact":
                 last = row.attempts[-1]
-                if last.busy and host.busy_retries_left > 0:
-                    host.busy_retries_left -= 1
-                    tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance, measured while busy; "
-                         f"waiting {BUSY_PAUSE_S:g} s and measuring again")
-                    time.sleep(BUSY_PAUSE_S)
-                elif last.slow_cpu and host.slow_cpu_retries_left > 0:
-                    host.slow_cpu_retries_left -= 1
-                    tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance, measured with the CPU slower than "
-                         f"at baseline ({_cpu_speed_text(last)}); waiting {SLOW_CPU_PAUSE_S:g} s and measuring again")
-                    time.sleep(SLOW_CPU_PAUSE_S)
-                elif last.other_memory_state and host.memory_state_retries_left > 0:
-                    host.memory_state_retries_left -= 1
-                    tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance, measured with the memory in another state "
-                         f"than at baseline ({_memory_state_text(last)}); waiting {MEMORY_STATE_PAUSE_S:g} s and measuring again")
-                    time.sleep(MEMORY_STATE_PAUSE_S)
+                free = next((kind for kind in _free_retry_kinds() if getattr(last, kind[0]) and host.free_retries_left[kind[0]] > 0), None)
+                if free:
+                    flag, pause_s, met, _ = free
+                    host.free_retries_left[flag] -= 1
+                    tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance, {met(last)}; waiting {pause_s:g} s and measuring again")
+                    time.sleep(pause_s)
                 elif counted <= RETRIES:
                     counted += 1
                     tell(f"gate: {probe.name} = {last.value:.4g} is beyond its tolerance; measuring again ({counted} of {RETRIES + 1})")
@@ -984,14 +974,11 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machin
             ok = passes(row.direction, row.baseline, row.tolerance, row.now)
             row.verdict = ("better" if better(row.direction, row.baseline, row.tolerance, row.now) else "pass") if ok else "FAIL"
             if len(row.attempts) > 1:
-                busy_attempts = sum(a.busy for a in row.attempts)
-                slow_attempts = sum(a.slow_cpu for a in row.attempts)
-                memory_attempts = sum(a.other_memory_state for a in row.attempts)
                 row.note = (f"passed on attempt {len(row.attempts)}" if ok
                             else f"failed all {len(row.attempts)} attempts: {', '.join(f'{s.value:.4g}' for s in row.attempts)}")
-                if busy_attempts or slow_attempts or memory_attempts:
-                    row.note += " (" + ", ".join(f"{n} of them {what}" for n, what in (
-                        (busy_attempts, "busy"), (slow_attempts, "with a slow CPU"), (memory_attempts, "in another memory state")) if n) + ")"
+                flagged = [(sum(getattr(a, flag) for a in row.attempts), what) for flag, _, _, what in _free_retry_kinds()]
+                if any(n for n, _ in flagged):
+                    row.note += " (" + ", ".join(f"{n} of them {what}" for n, what in flagged if n) + ")"
             if row.verdict == "better":
                 row.add_note("improved beyond the tolerance: update the baseline to lock it in")
             if row.sample.busy:
@@ -1021,14 +1008,27 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machin
     return rows
 
 
+def _free_retry_kinds() -> tuple:
+    """(Sample flag, pause in s, what the attempt met, how the row's note counts it) for each kind of failing attempt
+    that is measured again without using up a retry (Host.free_retries_left); read at call time, as tests set them."""
+    return (("busy", BUSY_PAUSE_S, lambda s: "measured while busy", "busy"),
+            ("slow_cpu", SLOW_CPU_PAUSE_S, lambda s: f"measured with the CPU slower than at baseline ({_cpu_speed_text(s)})",
+             "with a slow CPU"),
+            ("other_memory_state", MEMORY_STATE_PAUSE_S,
+             lambda s: f"measured with the memory in another state than at baseline ({_memory_state_text(s)})", "in another memory state"))
+
+
+def _state_text(sample: Sample, probe: str, key: str, baseline_key: str, unit: str) -> str:
+    now, then = sample.detail.get(key), sample.detail.get(baseline_key)
+    return f"{probe} {now:.1f} {unit} against {then:.1f}" if now and then else f"{probe} not read"
+
+
 def _cpu_speed_text(sample: Sample) -> str:
-    now, then = sample.detail.get("cpu_speed_gflops"), sample.detail.get("cpu_speed_baseline_gflops")
-    return f"CPU-speed probe {now:.1f} GFLOP/s against {then:.1f}" if now and then else "CPU-speed probe not read"
+    return _state_text(sample, "CPU-speed probe", "cpu_speed_gflops", "cpu_speed_baseline_gflops", "GFLOP/s")
 
 
 def _memory_state_text(sample: Sample) -> str:
-    now, then = sample.detail.get("stream_gb_s"), sample.detail.get("stream_baseline_gb_s")
-    return f"streaming pass {now:.1f} GB/s against {then:.1f}" if now and then else "streaming pass not read"
+    return _state_text(sample, "streaming pass", "stream_gb_s", "stream_baseline_gb_s", "GB/s")
 
 
 def _update(host: Host, suite_names, patterns, path: Path, machine: dict, runs: int, load_start, tell):
