@@ -40,7 +40,7 @@ from perfsim.model import ModelSpec
 from perfsim.roofline import roof_s
 from perfsim.workload import attention_kernel
 
-CALIBRATION_VERSION = 39  # bump whenever what is measured changes (v39: the q4_0 GEMVs' compute and memory combine as a power mean, their compute roof the probe's median; v38: attention's roofs follow the compute probe at elasticity 0.5; v37: steal during a decode step's probes and passes re-runs it, the head_dim factors' cache reads take turns; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
+CALIBRATION_VERSION = 40  # bump whenever what is measured changes (v40: attention's fixed cost has a term per K/V head, grouped-query attention follows the compute probe at 0.2; v39: the q4_0 GEMVs' compute and memory combine as a power mean, their compute roof the probe's median; v38: attention's roofs follow the compute probe at elasticity 0.5; v37: steal during a decode step's probes and passes re-runs it, the head_dim factors' cache reads take turns; v36: a parallel kernel's overlap through the origin when its free fixed cost is negative; v35: head_dim factors from one thread; v34: no second look; v33: compute roofs stated at the median probe of the decode steps, each step probed; v32: the compute probe's calibrated value; v31: calibration's models get K/V passes too; v30: K/V at the rate of a pass over their own cache; v29: a second look at the in-cache roofs; v28: each step's pass samples the weights it streams): older profiles are re-measured
 DRAM_BYTES = 96 * 2**20  # operands of the out-of-cache runs: 3x this host class's 32 MiB L3
 # Operands of the in-cache runs: an eighth of this host class's 32 MiB L3, and large enough that the
 # work (not the ~10 us fixed cost) dominates; 256 KiB runs were too short to time (+-50% roofs).
@@ -378,6 +378,61 @@ def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int =
     return {head_dim: _sig(per_byte[head_dim] / per_byte[128]) for head_dim in ATTENTION_HEAD_DIMS}
 
 
+# Attention's fixed cost per K/V head (KernelRoof.overhead_us_per_kv_head): cold calls at two K/V head counts,
+# each at two contexts, head_dim 128; each count's time at no K/V bytes is its line through the two contexts.
+KV_HEAD_COUNTS = (16, 32)
+KV_HEAD_CONTEXTS = (128, 512)
+KV_HEAD_ROUNDS = 30  # 40 rounds gave 2.75 us a K/V head on one thread, three head counts on one line within 3%
+KV_HEAD_LAYERS = 4  # the calls rotate over layers of the cache, as decode's do
+
+
+def _attention_kv_head_us(fmt: str, group: int, threads: int) -> float:
+    """Microseconds a call of attention over a `fmt` cache (`group` query heads a K/V head) costs per K/V head,
+    beyond its K/V bytes: the slope between KV_HEAD_COUNTS of each count's time at no K/V bytes. Every call
+    follows a read of a buffer 2x the L3, as decode's follows the GEMV streaming its layer's q, k and v
+    weights, so each K/V head's K and V rows start cold (measured: ~2.7 us a K/V head on one thread, ~1.4 on
+    two, with groups of 1 and of 4 alike). The decode-shaped models each have one head count, so their fit
+    cannot tell this from the fixed cost a call: it had Phi-3 Mini's attention (32 K/V heads, the first
+    model 20) 20% fast at context 128 on one thread, over eight rounds of sweeps."""
+    from perfsim.kernels.attention import attention, attention_cost, fill_random_kv, new_kv_cache
+    from perfsim.kernels.jit import set_threads
+    from perfsim.kernels.stream import stream_buffer, sum_int64
+
+    set_threads(threads)
+    rng = np.random.default_rng(0)
+    head_dim, runs = 128, []
+    for n_kv_heads in KV_HEAD_COUNTS:
+        cache = new_kv_cache(KV_HEAD_LAYERS, n_kv_heads, max(KV_HEAD_CONTEXTS), head_dim, fmt)
+        fill_random_kv(cache, max(KV_HEAD_CONTEXTS))
+        q = rng.standard_normal((n_kv_heads * group, head_dim)).astype(np.float32)
+        out = np.empty_like(q)
+        attention(q, cache, 0, KV_HEAD_CONTEXTS[0], out)  # compiles or loads from Numba's cache
+        runs.append((n_kv_heads, cache, q, out))
+    flush = stream_buffer(64 * 2**20)
+    seconds = {}
+    for i in range(KV_HEAD_ROUNDS):
+        for context in KV_HEAD_CONTEXTS:
+            for n_kv_heads, cache, q, out in runs:
+                sum_int64(flush)
+                start = time.perf_counter()
+                attention(q, cache, i % KV_HEAD_LAYERS, context, out)
+                seconds.setdefault((n_kv_heads, context), []).append(time.perf_counter() - start)
+    return _per_kv_head_us({key: statistics.median(times) for key, times in seconds.items()},
+                           lambda n_kv_heads, context: attention_cost(n_kv_heads * group, n_kv_heads, head_dim, context, fmt).kv_bytes)
+
+
+def _per_kv_head_us(call_s: dict, kv_bytes) -> float:
+    """From {(K/V heads, context): a call's seconds} at KV_HEAD_COUNTS x KV_HEAD_CONTEXTS and kv_bytes(heads,
+    context): the slope over the head counts of each one's time at no K/V bytes, in us (0 when it falls)."""
+    short, long = KV_HEAD_CONTEXTS
+    at_no_bytes = []
+    for n_kv_heads in KV_HEAD_COUNTS:
+        per_byte_s = (call_s[n_kv_heads, long] - call_s[n_kv_heads, short]) / (kv_bytes(n_kv_heads, long) - kv_bytes(n_kv_heads, short))
+        at_no_bytes.append(call_s[n_kv_heads, short] - per_byte_s * kv_bytes(n_kv_heads, short))
+    few, many = KV_HEAD_COUNTS
+    return _sig(max((at_no_bytes[1] - at_no_bytes[0]) / (many - few), 0.0) * 1e6)
+
+
 def _serial_benches() -> list[KernelBench]:
     """Kernels that run on the calling thread: their cost is the call (its fixed cost timed in decode,
     _decode_shaped_calls) plus a little work on operands that are cold in decode (the in-cache runs
@@ -581,6 +636,7 @@ class DecodeShapedPoint:
     layer_weight_bytes: int = 0  # weight bytes a layer of its model streams (Op.layer_weight_bytes)
     kv_stream_gb_s: float = 0.0  # median of the K/V passes run before the steps (0: none; its K/V then at stream_gb_s)
     compute_gflops: float = 0.0  # median of the compute probes run before the steps (0: none)
+    kv_heads: int = 0  # attention: its model's K/V heads (Op.kv_heads)
 
     def speed(self, reference_gflops: float, kernel: str = "gemv.") -> float:
         """How fast this point's steps found `kernel`'s compute against the speed state a compute roof is stated
@@ -617,7 +673,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None,
     from perfsim.measure import timed_step
     from perfsim.workload import decode_ops
 
-    samples, costs, kv_bytes, layer_bytes, passes, kv_passes, cold_calls, computes = {}, {}, {}, {}, {}, {}, {}, {}
+    samples, costs, kv_bytes, layer_bytes, passes, kv_passes, cold_calls, computes, kv_heads = {}, {}, {}, {}, {}, {}, {}, {}, {}
     first_layer = range(1, 1 + len(LAYER_OP_NAMES))  # op_sequence: token_embd, the layers' ops, the head's
     turns = []  # (steps_per_round, context, session, {(model index, kernel, op name or ""): op sequence indices})
     for model_index, (weights_by_embedding, sessions, steps_per_round) in enumerate(models):
@@ -637,6 +693,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None,
                         key = (model_index, kernels[name], name)
                         timed.setdefault(key, []).append(i)
                         costs[key, context] = ops[name].cost
+                        kv_heads[key] = ops[name].kv_heads
                         layer_bytes[key, context] = ops["attn_norm"].layer_weight_bytes
                 for key in timed:
                     # the norms, RoPE, ... run in every session, whose K/V formats take different bytes
@@ -663,7 +720,7 @@ def _decode_shaped_calls(models: list, threads: int, probes: list | None = None,
         points.setdefault(key[1], []).append(DecodeShapedPoint(
             statistics.median(samples[key, context]), costs[key, context], round(statistics.fmean(kv_bytes[key, context])),
             statistics.median(passes[key, context]), statistics.median(cold_calls[key, context]), key[0], key[2], layer_bytes[key, context],
-            statistics.median(kv_passes[key, context]), statistics.median(computes[key, context])))
+            statistics.median(kv_passes[key, context]), statistics.median(computes[key, context]), kv_heads[key]))
     return points
 
 
@@ -717,7 +774,7 @@ MIN_OP_FACTOR = 0.05
 
 
 def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us: float = 0.0, reference_gflops: float = 0.0,
-                      kernel: str = "gemv.", overlap_power: float = 0.0) -> dict:
+                      kernel: str = "gemv.", overlap_power: float = 0.0, per_kv_head_us: float = 0.0) -> dict:
     """A kernel's fixed cost and overlap from its calls in decode (_decode_shaped_calls), its compute roof given.
 
     Serial kernels: the call beyond its roof, fitted as a line in the K/V bytes a layer's attention
@@ -736,7 +793,9 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     under-predicted decode's by 11-19% on one thread, in this 4-layer model as in Phi-3 Mini, and the
     q4_0 GEMVs' overlap came out 0.03-0.35 from one calibration to the next. With an `overlap_power` p
     (the q4_0 GEMVs: GEMV_OVERLAP_POWER) the roof is the power mean of compute and memory, and only the
-    fixed cost is fitted: the mean over the points of time - (compute^p + memory^p)^(1/p)."""
+    fixed cost is fitted: the mean over the points of time - (compute^p + memory^p)^(1/p). Attention's calls
+    are fitted less `per_kv_head_us` (_attention_kv_head_us) times their model's K/V heads, which the roof
+    states as its own term (overhead_us_per_kv_head): its fixed cost is then what a call costs at none."""
     if not parallel:
         # As for the parallel kernels below, FLOPs over seconds of any of its decode calls is a floor
         # under the compute roof: kv_append's in-cache roof on two threads once came out 0.11 GFLOP/s
@@ -788,25 +847,27 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
     # the memory time, which phi-3-small's groups of 4 have more of per FLOP: +16% to +27%.
     # FLOPs in the reference state's seconds: a point whose steps found the host at half speed took twice as long
     speeds = [p.speed(reference_gflops, kernel) for p in points]
+    per_heads = {"overhead_us_per_kv_head": per_kv_head_us} if per_kv_head_us else {}
+    seconds = [p.seconds - per_kv_head_us * 1e-6 * p.kv_heads for p in points]  # a call less its K/V heads' cost
     if overlap_power:
-        excess_s = [p.seconds - roof_s(*p.roofs_s(gflops * speed), power=overlap_power) for p, speed in zip(points, speeds)]
+        excess_s = [s - roof_s(*p.roofs_s(gflops * speed), power=overlap_power) for s, p, speed in zip(seconds, points, speeds)]
         return {"gflops": _sig(gflops), "overlap": 0.0, "overlap_power": overlap_power,
                 "overhead_us": _sig(max(float(np.mean(excess_s)), 0.0) * 1e6)}
     flops = [p.cost.flops / speed for p, speed in zip(points, speeds)]
     if max(flops) > 1.1 * min(flops) and all(compute_s > memory_s for compute_s, memory_s in (p.roofs_s(gflops * s) for p, s in zip(points, speeds))):
-        per_flop_s, overhead_s = np.polyfit(flops, [p.seconds for p in points], 1)
+        per_flop_s, overhead_s = np.polyfit(flops, seconds, 1)
         if per_flop_s > 0:
-            return {"gflops": _sig(1e-9 / per_flop_s), "overlap": 0.0, "overhead_us": _sig(max(float(overhead_s), 0.0) * 1e6)}
+            return {"gflops": _sig(1e-9 / per_flop_s), "overlap": 0.0, "overhead_us": _sig(max(float(overhead_s), 0.0) * 1e6), **per_heads}
     # A kernel computes at least as fast as it did in decode, so FLOPs over seconds of any of its calls
     # there is a floor under its compute roof. The in-cache slope fell below it now and then on 2 threads
     # (grouped-query attention: 39.7 GFLOP/s in one calibration, 48-56 in two others; the fit then clamped
     # overlap and fixed cost to 0, and phi-3-small's attention came out +55% to +75%).
     gflops = max(gflops, max(f / p.seconds for f, p in zip(flops, points)) / 1e9)
     hidden, excess = [], []
-    for p, speed in zip(points, speeds):
+    for s, p, speed in zip(seconds, points, speeds):
         compute_s, memory_s = p.roofs_s(gflops * speed)
         hidden.append(min(compute_s, memory_s))
-        excess.append(p.seconds - max(compute_s, memory_s))
+        excess.append(s - max(compute_s, memory_s))
     slope, intercept = np.polyfit(hidden, excess, 1)
     if intercept < 0:
         # A negative fixed cost is none, and the free slope with no fixed cost charged every call more than its
@@ -817,7 +878,7 @@ def _roof_from_decode(gflops: float, points: list, parallel: bool, cold_call_us:
         slope = float(np.dot(hidden, excess) / np.dot(hidden, hidden))
     overlap = min(max(float(slope), 0.0), 1.0)
     overhead_s = max(float(np.mean(excess)) - overlap * float(np.mean(hidden)), 0.0)  # the line's value, overlap clamped
-    return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6)}
+    return {"gflops": _sig(gflops), "overlap": round(overlap, 4), "overhead_us": _sig(overhead_s * 1e6), **per_heads}
 
 
 def _serial_roofs(gflops: dict, decode_points: dict, cold_call_us: dict) -> dict:
@@ -836,12 +897,13 @@ def _serial_roofs(gflops: dict, decode_points: dict, cold_call_us: dict) -> dict
 
 
 def _kernel_roof(bench: KernelBench, stream_read, producer: Producer, threads: int, decode_points: list | None, gflops: float,
-                 reference_gflops: float = 0.0) -> dict:
+                 reference_gflops: float = 0.0, per_kv_head_us: float = 0.0) -> dict:
     """A parallel kernel's roof at `threads` (the serial kernels': _serial_roofs), at its in-cache compute
-    roof `gflops` (_compute_roof_gflops, stated at the compute probe `reference_gflops`: _state_normalized)."""
+    roof `gflops` (_compute_roof_gflops, stated at the compute probe `reference_gflops`: _state_normalized);
+    attention's fitted on decode, with a fixed cost of `per_kv_head_us` a K/V head (_attention_kv_head_us)."""
     if decode_points:
         return _roof_from_decode(gflops, decode_points, True, reference_gflops=reference_gflops, kernel=bench.kernel,
-                                 overlap_power=GEMV_OVERLAP_POWER if bench.kernel == PROBE_KERNEL else 0.0)
+                                 overlap_power=GEMV_OVERLAP_POWER if bench.kernel == PROBE_KERNEL else 0.0, per_kv_head_us=per_kv_head_us)
     if bench.kernel.startswith("attention"):
         # Attention's fixed cost is the cold start of its K/V streams (see _attention_bench): timed
         # after a Producer, which evicts the cache rows the way a decode layer's GEMVs do.
@@ -956,9 +1018,16 @@ def measure_host(progress=None) -> dict:
         set_threads(threads)
         return _state_normalized(lambda: _compute_roof_gflops(bench, None), threads, reference_gflops[threads], bench.kernel)
 
+    per_kv_head_us = {}  # (kernel, threads): attention's fixed cost a K/V head, for the kernels fitted on decode
+
     def refit(bench, threads, gflops):  # after this thread count's decode points are in serial_decode_calls
-        return _kernel_roof(bench, stream_read, producer, threads, fitted_points(bench, threads, serial_decode_calls[threads]), gflops,
-                            reference_gflops[threads])
+        points = fitted_points(bench, threads, serial_decode_calls[threads])
+        if points and bench.kernel.startswith("attention."):
+            if (bench.kernel, threads) not in per_kv_head_us:
+                fmt = bench.kernel.split(".")[1]
+                per_kv_head_us[bench.kernel, threads] = _attention_kv_head_us(fmt, 4 if bench.kernel.endswith(".gqa") else 1, threads)
+        return _kernel_roof(bench, stream_read, producer, threads, points, gflops, reference_gflops[threads],
+                            per_kv_head_us.get((bench.kernel, threads), 0.0))
 
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")

@@ -409,7 +409,7 @@ def compute_probe_gflops(threads: int) -> float:
     once after a whole point (calibration v32) read either level for all its steps. perfsim.compare scales every
     parallel kernel's compute roof by a step's probe over the profile's (with_same_run_host), and
     calibration states every roof at the profile's probe (_state_normalized), each at the kernel's
-    elasticity (perfsim.device.probe_elasticity: the GEMVs 1, attention 0.5)."""
+    elasticity (perfsim.device.probe_elasticity: the GEMVs 1, multi-head attention 0.5, grouped-query 0.2)."""
     import numpy as np
 
     from perfsim.calibrate import _gemv_bench

@@ -33,17 +33,17 @@ class Roofs:
     overhead_s_per_op: float
     # calibrated hosts, used before the above: ((kernel, FLOP/s, overlap, overlap power, overhead s, overhead s per
     # K/V byte a layer's attention reads, overhead s per byte of the call's operands, overhead s per weight byte a
-    # layer streams, ((head_dim, time factor), ...), ((op name, overhead factor), ...)), ...)
+    # layer streams, overhead s per K/V head, ((head_dim, time factor), ...), ((op name, overhead factor), ...)), ...)
     kernels: tuple = ()
     # Derived once: {kernel: (FLOP/s, overlap, overlap power, overhead s, overhead s per K/V byte, overhead s per operand
-    # byte, overhead s per layer weight byte, {head_dim: time factor}, {op name: overhead factor})},
+    # byte, overhead s per layer weight byte, overhead s per K/V head, {head_dim: time factor}, {op name: overhead factor})},
     # read by every prediction (built per prediction, it cost ~16 us of a ~30 us one).
     by_kernel: dict = field(init=False, compare=False, repr=False)
     # A measured run's K/V read rate (ComputeUnit.kv_bandwidth_gb_s_by_threads) for the ops' K/V bytes; 0: the bandwidth above
     kv_bandwidth_bytes_per_s: float = 0.0
 
     def __post_init__(self):
-        object.__setattr__(self, "by_kernel", {k[0]: (*k[1:8], dict(k[8]), dict(k[9])) for k in self.kernels})
+        object.__setattr__(self, "by_kernel", {k[0]: (*k[1:9], dict(k[9]), dict(k[10])) for k in self.kernels})
 
     def flops(self, precision: str) -> float:
         return dict(self.flops_per_s)[precision]
@@ -80,7 +80,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
     flops = tuple((p, unit.peak_flops(p) * unit.compute_efficiency * share) for p in MATH_PRECISIONS)
     kernels = tuple(
         (kernel, r.gflops * 1e9, r.overlap, r.overlap_power, r.overhead_us * 1e-6, r.overhead_us_per_kv_mb * 1e-12,
-         r.overhead_us_per_operand_mb * 1e-12, r.overhead_us_per_layer_mb * 1e-12,
+         r.overhead_us_per_operand_mb * 1e-12, r.overhead_us_per_layer_mb * 1e-12, r.overhead_us_per_kv_head * 1e-6,
          tuple(sorted(r.time_factor_by_head_dim.items())), tuple(sorted(r.overhead_factor_by_op.items())))
         for kernel, by_threads in unit.kernel_roofs.items()
         if (r := by_threads.get(threads)) is not None
@@ -92,7 +92,7 @@ def unit_roofs(device: Device, unit: ComputeUnit, threads: int) -> Roofs:
 def _roofs_by_op(roofs: Roofs):
     """(FLOP/s by precision, bytes/s, overhead s, {kernel: (FLOP/s, overlap, overlap power, overhead s, overhead s per
     byte of K/V a layer's attention reads, overhead s per byte of the call's operands, overhead s per weight byte a layer
-    streams, {head_dim: time factor}, {op name: overhead factor})})."""
+    streams, overhead s per K/V head, {head_dim: time factor}, {op name: overhead factor})})."""
     return dict(roofs.flops_per_s), roofs.bandwidth_bytes_per_s, roofs.overhead_s_per_op, roofs.by_kernel
 
 
@@ -115,8 +115,10 @@ def _op_terms(ops: tuple, roofs: Roofs):
     for op in ops:
         factor = 1.0
         if op.kernel in kernels:
-            op_flops_per_s, overlap, power, op_overhead, per_kv_byte, per_operand_byte, per_layer_byte, factors, by_op = kernels[op.kernel]
-            op_overhead += per_kv_byte * op.layer_kv_bytes + per_operand_byte * op.bytes / op.count + per_layer_byte * op.layer_weight_bytes  # a call
+            (op_flops_per_s, overlap, power, op_overhead, per_kv_byte, per_operand_byte, per_layer_byte, per_kv_head, factors,
+             by_op) = kernels[op.kernel]
+            op_overhead += (per_kv_byte * op.layer_kv_bytes + per_operand_byte * op.bytes / op.count + per_layer_byte * op.layer_weight_bytes
+                            + per_kv_head * op.kv_heads)  # a call
             if by_op:  # two kernels of a calibrated host's dozen have factors; the lookup cost ~2 us a Mini prediction
                 op_overhead *= by_op.get(op.name, 1.0)
             factor = factors.get(op.head_dim, 1.0)

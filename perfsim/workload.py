@@ -42,6 +42,7 @@ class Op:
     # once-a-step ops get the same); a calibrated host's fixed cost per call grows with it too. 0 otherwise.
     layer_weight_bytes: int = 0
     head_dim: int = 0  # attention ops: the model's; a calibrated host's attention roofs may depend on it
+    kv_heads: int = 0  # attention ops: the model's K/V heads; a calibrated host's fixed cost per call grows with them
     # Totals over `count`, derived once: the roofline reads them 10^5 times a second.
     flops: float = field(init=False)
     bytes: int = field(init=False)
@@ -97,7 +98,8 @@ def decode_ops(model: ModelSpec, formats: Formats, context: int) -> tuple[Op, ..
 
     gemvs = {name: layer_gemv(name) for name in matrices}
     attention_op = Op("attention", ATTENTION, attention_cost(model.n_heads, model.n_kv_heads, model.head_dim, context, formats.kv_cache),
-                      "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads), head_dim=model.head_dim)
+                      "f32", L, attention_kernel(kv, model.n_heads, model.n_kv_heads), head_dim=model.head_dim,
+                      kv_heads=model.n_kv_heads)
     layer_kv_bytes = attention_op.cost.kv_bytes
     layer_weight_bytes = sum(op.cost.weight_bytes for op in gemvs.values())
 

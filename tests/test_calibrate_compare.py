@@ -629,7 +629,7 @@ def test_a_decode_shaped_points_memory_time_takes_its_kv_bytes_at_its_kv_pass():
 
 def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     """with_same_run_host: a run whose cold-call probe took 1.5x the calibration's gets every fixed cost at
-    its thread count 1.5x (kernel overheads, their per-MB terms, the default per op), nothing else."""
+    its thread count 1.5x (kernel overheads, their per-MB and per-K/V-head terms, the default per op), nothing else."""
     from perfsim.compare import with_same_run_host
     from perfsim.device import device_from_data
 
@@ -638,9 +638,11 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
     unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0, "overhead_us_per_kv_mb": 0.04,
                                          "overhead_us_per_operand_mb": 100.0, "overhead_us_per_layer_mb": 0.02}
                                      for t in unit["kernel_roofs"]["gemv.q4_0"]}
+    unit["kernel_roofs"]["attention.f16"] = {1: {"gflops": 20.0, "overlap": 0.0, "overhead_us": 10.0, "overhead_us_per_kv_head": 2.0}}
     unit["cold_call_us_by_threads"] = {1: 20.0}
     device = device_from_data(data, "fake.yaml")
     run = with_same_run_host(device, 1, stream_gb_s=11.0, cold_call_us=30.0).unit()
+    assert run.kernel_roofs["attention.f16"][1].overhead_us_per_kv_head == pytest.approx(3.0)
     assert run.bandwidth_gb_s_by_threads[1] == 11.0 and run.overhead_us_per_op == pytest.approx(1.5)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us == pytest.approx(9.0)
     assert run.kernel_roofs["rmsnorm"][1].overhead_us_per_kv_mb == pytest.approx(0.06)
@@ -659,8 +661,9 @@ def test_the_fixed_costs_scale_with_the_cold_call_probe_of_the_run():
 
 def test_the_parallel_kernels_compute_roofs_scale_with_each_steps_compute_probe():
     """with_same_run_host: a step whose compute probe read 0.6x the calibration's (this host's slow state on
-    two threads: ~66 GFLOP/s against ~110) gets the compute roof of every GEMV at its thread count 0.6x and
-    of every attention kernel sqrt(0.6)x (its elasticity, perfsim.device.probe_elasticity); their fixed costs
+    two threads: ~66 GFLOP/s against ~110) gets the compute roof of every GEMV at its thread count 0.6x, of
+    multi-head attention sqrt(0.6)x and of grouped-query attention 0.6^0.2 x (their elasticities,
+    perfsim.device.probe_elasticity: attention.q8_0.gqa takes the grouped-query one too); their fixed costs
     and overlaps, the serial kernels and the other thread counts stay. compare predicts each step with its
     own probe."""
     from perfsim.compare import with_same_run_host
@@ -670,6 +673,8 @@ def test_the_parallel_kernels_compute_roofs_scale_with_each_steps_compute_probe(
     unit = data["units"]["cpu"]
     threads = list(unit["kernel_roofs"]["gemv.q4_0"])
     unit["kernel_roofs"]["attention.f16"] = {t: {"gflops": 30.0, "overlap": 0.4, "overhead_us": 60.0} for t in threads}
+    for gqa in ("attention.f16.gqa", "attention.q8_0.gqa"):
+        unit["kernel_roofs"][gqa] = {t: {"gflops": 40.0, "overlap": 0.0, "overhead_us": 50.0} for t in threads}
     unit["kernel_roofs"]["rmsnorm"] = {t: {"gflops": 5.0, "overlap": 0.0, "overhead_us": 6.0} for t in threads}
     unit["compute_probe_gflops_by_threads"] = {1: 110.0}
     device = device_from_data(data, "fake.yaml")
@@ -677,6 +682,7 @@ def test_the_parallel_kernels_compute_roofs_scale_with_each_steps_compute_probe(
     run = with_same_run_host(device, 1, stream_gb_s=11.0, compute_gflops=66.0).unit()
     assert run.kernel_roofs["gemv.q4_0"][1].gflops == pytest.approx(30.0)
     assert run.kernel_roofs["attention.f16"][1].gflops == pytest.approx(30.0 * 0.6 ** 0.5)
+    assert run.kernel_roofs["attention.f16.gqa"][1].gflops == run.kernel_roofs["attention.q8_0.gqa"][1].gflops == pytest.approx(40.0 * 0.6 ** 0.2)
     assert run.kernel_roofs["gemv.q4_0"][1].overlap == 0.5 and run.kernel_roofs["attention.f16"][1].overhead_us == 60.0
     assert run.kernel_roofs["rmsnorm"][1].gflops == 5.0
     for t in set(threads) - {1}:
@@ -1075,6 +1081,32 @@ def test_a_kernel_compute_bound_in_every_decode_call_takes_its_roof_from_those_c
     roof = calibrate._roof_from_decode(50.0, points, parallel=True)
     assert roof["gflops"] == pytest.approx(58e6 / 1740e-6 / 1e9, rel=1e-3)
     assert roof["overhead_us"] == pytest.approx(40.0, rel=1e-3) and roof["overlap"] == 0.0
+
+
+def test_attentions_fit_takes_the_kv_heads_cost_out_of_its_fixed_cost():
+    """The compute-bound hand arithmetic above, its calls now from a model of 20 K/V heads at 1.5 us each
+    (30 us of the 40): fitted less that, the fixed cost is 10 us and the roof carries 1.5 us a K/V head, so a
+    model of 32 K/V heads is charged 10 + 48 us a call at no FLOPs. The compute roof is the same."""
+    from perfsim.cost import Cost
+
+    points = [calibrate.DecodeShapedPoint(100e-6, Cost(flops=2e6, kv_bytes=400_000), 0, 20.0, kv_heads=20),
+              calibrate.DecodeShapedPoint(1840e-6, Cost(flops=60e6, kv_bytes=12_000_000), 0, 20.0, kv_heads=20)]
+    roof = calibrate._roof_from_decode(50.0, points, parallel=True, kernel="attention.f16", per_kv_head_us=1.5)
+    assert roof["gflops"] == pytest.approx(58e6 / 1740e-6 / 1e9, rel=1e-3)
+    assert roof["overhead_us"] == pytest.approx(10.0, rel=1e-3) and roof["overhead_us_per_kv_head"] == 1.5
+    assert "overhead_us_per_kv_head" not in calibrate._roof_from_decode(50.0, points, parallel=True, kernel="attention.f16")
+
+
+def test_the_cost_per_kv_head_is_the_slope_of_each_head_counts_time_at_no_kv_bytes():
+    """Synthetic cold calls: 40 us + 2.5 us a K/V head + K/V bytes at 25 GB/s (the per-byte rate differs per head
+    count, as it may: 20 GB/s at 32 heads). Each count's line through its two contexts gives 80 and 120 us at no
+    bytes: 2.5 us a head. Calls that get cheaper with more heads give 0, not a negative cost."""
+    kv_bytes = lambda heads, context: heads * context * 512  # noqa: E731
+    rate = {16: 25e9, 32: 20e9}
+    call_s = {(h, c): (40 + 2.5 * h) * 1e-6 + kv_bytes(h, c) / rate[h] for h in calibrate.KV_HEAD_COUNTS for c in calibrate.KV_HEAD_CONTEXTS}
+    assert calibrate._per_kv_head_us(call_s, kv_bytes) == pytest.approx(2.5, rel=1e-3)
+    falling = {(h, c): (200 - 2.0 * h) * 1e-6 + kv_bytes(h, c) / 25e9 for h, c in call_s}
+    assert calibrate._per_kv_head_us(falling, kv_bytes) == 0.0
 
 
 def test_decode_points_in_a_slower_state_are_fitted_at_their_own_speed():

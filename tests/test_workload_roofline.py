@@ -163,6 +163,23 @@ def test_a_calibrated_serial_kernel_costs_more_per_call_the_more_bytes_a_layer_s
         assert all(t.op.layer_weight_bytes == 0 for t in p.ops if t.op.kind in ("gemv", "attention"))
 
 
+def test_a_calibrated_attention_costs_more_per_call_the_more_kv_heads_its_model_has():
+    """Paper arithmetic: attention.f16's fixed cost 10 us + 2.5 us per K/V head a call. Phi-3 Mini has 32 K/V
+    heads: 90 us a call, 32 calls; the same roof without the per-head term charges 10 us. The roof times stay."""
+    def attention(per_kv_head_us):
+        roof = {"gflops": 1000.0, "overlap": 0.0, "overhead_us": 10.0, "overhead_us_per_kv_head": per_kv_head_us}
+        data = dict(PAPER, units={"cpu": dict(PAPER["units"]["cpu"], kernel_roofs={"attention.f16": {1: roof}})})
+        p = predict(MINI, Formats(), device_from_data(data, "paper.yaml"), context=1000, threads=1)
+        (op,) = [t for t in p.ops if t.op.name == "attention"]
+        return op
+
+    with_heads, without = attention(2.5), attention(0.0)
+    assert with_heads.op.kv_heads == 32
+    assert with_heads.overhead_s == pytest.approx(32 * 90e-6) and without.overhead_s == pytest.approx(32 * 10e-6)
+    assert with_heads.time_s - without.time_s == pytest.approx(32 * 32 * 2.5e-6)
+    assert (with_heads.compute_s, with_heads.memory_s) == (without.compute_s, without.memory_s)
+
+
 def test_a_calibrated_serial_kernels_fixed_cost_is_scaled_by_its_ops_own_factor():
     """Paper arithmetic: rmsnorm's fixed cost 5 us + 200 us per MB of operands (7.3728 us for Mini's
     36,864 bytes) a call; the norm before attention pays 1.5x that, the one before the MLP 0.5x, and the
@@ -250,6 +267,12 @@ def test_a_fixed_cost_per_layer_mb_must_be_a_number_at_least_zero():
     for value, expected in ((-0.5, ">= 0"), ("slow", "number")):
         roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_layer_mb": value}
         assert "overhead_us_per_layer_mb" in _kernel_roof_error("rope", roof, expected)
+
+
+def test_a_fixed_cost_per_kv_head_must_be_a_number_at_least_zero():
+    for value, expected in ((-2.0, ">= 0"), ("slow", "number")):
+        roof = {"gflops": 10.0, "overlap": 0.0, "overhead_us": 5.0, "overhead_us_per_kv_head": value}
+        assert "overhead_us_per_kv_head" in _kernel_roof_error("attention.f16", roof, expected)
 
 
 def test_an_overhead_factor_by_op_must_be_a_positive_number_by_decode_op_name():
