@@ -1307,6 +1307,40 @@ def test_attention_head_dim_factors_are_time_per_kv_byte_over_that_at_128(monkey
     assert factors == {64: pytest.approx(1.3), 80: pytest.approx(1.2), 96: pytest.approx(1.1)}
 
 
+def test_the_head_dim_factors_are_the_mean_of_processes_of_their_own_and_a_failed_one_is_measured_here(monkeypatch):
+    """Three processes report 0.85, 1.05 and 0.95 at 96 (this host's per-process states): the profile gets their
+    mean, 0.95. A process that fails (or prints nothing usable) is replaced by a measurement in this process."""
+    import json
+    import subprocess
+
+    reports = iter([{64: 0.8, 80: 0.9, 96: 0.85}, {64: 1.0, 80: 1.1, 96: 1.05}, {64: 0.9, 80: 1.0, 96: 0.95}])
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="numba says hi\n" + json.dumps(next(reports)) + "\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(calibrate, "_attention_head_dim_factors", lambda threads: pytest.fail("measured in this process"))
+    assert calibrate._attention_head_dim_factors_of_processes(1) == {64: pytest.approx(0.9), 80: pytest.approx(1.0), 96: pytest.approx(0.95)}
+    assert len(calls) == calibrate.HEAD_DIM_PROCESSES and all(argv[-1] == "1" for argv in calls)
+
+    def failing_run(argv, **kwargs):
+        raise subprocess.CalledProcessError(1, argv, "", "ImportError")
+
+    monkeypatch.setattr(subprocess, "run", failing_run)
+    monkeypatch.setattr(calibrate, "_attention_head_dim_factors", lambda threads: {64: 1.2, 80: 1.1, 96: 1.0})
+    assert calibrate._attention_head_dim_factors_of_processes(2) == {64: 1.2, 80: 1.1, 96: 1.0}
+
+
+@pytest.mark.slow
+def test_the_head_dim_factors_of_processes_come_from_real_processes(monkeypatch):
+    """The code each process runs imports and measures (nothing is measured in this one): factors near 1 at each head_dim."""
+    monkeypatch.setattr(calibrate, "_attention_head_dim_factors", lambda threads: pytest.fail("a process failed"))
+    factors = calibrate._attention_head_dim_factors_of_processes(1)
+    assert set(factors) == set(calibrate.ATTENTION_HEAD_DIMS) and all(0.3 < f < 3.0 for f in factors.values())
+
+
 def test_a_caches_read_rate_is_its_whole_bytes_over_the_median_read():
     from perfsim.kernels.attention import new_kv_cache
     from perfsim.kernels.stream import stream_buffer
