@@ -1378,3 +1378,15 @@ def test_a_calibrated_profile_carries_multi_head_attentions_head_dim_factors():
                                                   "time_factor_by_head_dim": {64: 1.2, 80: 1.1, 96: 1.07}}}}
     device = calibrate.device_from_data(data, "host.yaml")
     assert device.unit().kernel_roofs["attention.f16"][1].time_factor_by_head_dim == {64: 1.2, 80: 1.1, 96: 1.07}
+
+
+def test_calibrations_own_cpu_time_counts_the_processes_it_waited_for():
+    """A child that burns ~0.3 s of CPU is calibration's own work, not another process's load (the head_dim
+    factors run in processes of their own): _own_cpu_s grows by it, this process's CPU time does not."""
+    import subprocess
+    import sys
+    import time
+
+    own, mine = calibrate._own_cpu_s(), time.process_time()
+    subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"], check=True)
+    assert calibrate._own_cpu_s() - own >= 0.25 and time.process_time() - mine < 0.2
