@@ -379,8 +379,8 @@ def _attention_head_dim_factors(threads: int, n_heads: int = 16, n_layers: int =
 
 
 # The head_dim factors are the mean over this many processes, each measuring them once (_attention_head_dim_factors).
-# On this Zen 4 host the factor at 96 holds within a process (six measurements in one: 0.81-0.88; one
-# process, twenty over 30 s: 1.02-1.14) but moves from one process to the next (nine in a row: 0.82-1.09):
+# On this Zen 4 host the factor at 96 holds within a process (six measurements in one: 0.81-0.88; twenty over
+# 30 s in another: 16 of them 1.02-1.11) but moves from one process to the next (nine in a row: 0.82-1.09):
 # head_dim 128's kernel reads at ~22 or ~27 GB/s a process, 96's at ~25 in both. Calibration's decode fit
 # did not follow it: over the twelve rounds of the twentieth and twenty-first sessions, a calibration's
 # factor did not predict Phi-3 Mini's attention, and re-predicted with one factor for all (0.95), its mean
