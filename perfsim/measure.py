@@ -293,16 +293,7 @@ _STREAM_BUFFER = []
 # 2x this host class's L3, and read last a whole decode step (GBs) ago, so every pass comes from DRAM;
 # 128 MiB measured the same rates but added 67 MB to the peak resident memory of every measured run.
 SAME_RUN_STREAM_BYTES = 64 * 2**20
-SAMPLE_CHUNK_BYTES = 2**20  # a session's K/V pass reads 64 chunks of its own memory (kernels/stream.py: sample_chunks)
-# Its weights' pass reads 16 chunks of 4 MiB. Measured in one process with the three calibration models and Phi-3
-# Mini, Small and Medium alive, steps in turn (one thread, 12-16 steps each, three runs): every model's GEMVs
-# streamed at 0.79-0.83 of a pass of 4 MiB chunks over its weights (Mini once 0.87), but at 0.84-0.92 of one of
-# 1 MiB chunks, and which model read high changed from run to run (Mini 0.91 and Small 0.85 in one; Small 0.92
-# and Mini 0.86 in the next), while the GEMVs' own rates agreed within 2%. Sweeps over the twentieth and
-# twenty-first sessions predicted Small's and Medium's one-thread GEMVs 4-6% fast and Mini's within 1%.
-# Chunks of 8 and 16 MiB read 0.79-0.85 (one thread); on two threads, in the fast memory state, every size
-# scattered alike (0.73-0.93).
-WEIGHT_SAMPLE_CHUNK_BYTES = 4 * 2**20
+SAMPLE_CHUNK_BYTES = 2**20  # a session's pass reads 64 chunks of its own memory (kernels/stream.py: sample_chunks)
 # The end of a step (the lm_head, the last layer) may still be in the caches when the next step's pass
 # runs: the sample leaves out the last 2x the L3 of the weights a step reads. In the first calibration
 # model (180 MB) that is a third of them; in Phi-3 Mini (2.1 GB) 3%.
@@ -319,14 +310,14 @@ KV_SAMPLE_MIN_BYTES = 16 * 2**20
 _WEIGHT_SAMPLES, _KV_SAMPLES = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
 
 
-def _once_per_session(samples: weakref.WeakKeyDictionary, session, regions: list, n_bytes: int, min_bytes: int, chunk_bytes: int):
-    """sample_chunks of `regions` (n_bytes of them, capped at what they hold, in chunks of chunk_bytes), made on
-    the session's first pass and kept in `samples`; None when the regions hold under min_bytes."""
+def _once_per_session(samples: weakref.WeakKeyDictionary, session, regions: list, n_bytes: int, min_bytes: int):
+    """sample_chunks of `regions` (n_bytes of them, capped at what they hold), made on the session's first
+    pass and kept in `samples`; None when the regions hold under min_bytes."""
     if session not in samples:
         from perfsim.kernels.stream import sample_chunks
 
         space = sum(r.nbytes for r in regions)
-        samples[session] = sample_chunks(regions, min(n_bytes, space), chunk_bytes) if space >= min_bytes else None
+        samples[session] = sample_chunks(regions, min(n_bytes, space), SAMPLE_CHUNK_BYTES) if space >= min_bytes else None
     return samples[session]
 
 
@@ -338,7 +329,7 @@ def _session_sample(session):
     regions, skipped = session.streamed_weights(), 0
     while regions and skipped < SAMPLE_SKIPS_LAST_BYTES:
         skipped += regions.pop().nbytes
-    return _once_per_session(_WEIGHT_SAMPLES, session, regions, SAME_RUN_STREAM_BYTES, SAME_RUN_STREAM_BYTES, WEIGHT_SAMPLE_CHUNK_BYTES)
+    return _once_per_session(_WEIGHT_SAMPLES, session, regions, SAME_RUN_STREAM_BYTES, SAME_RUN_STREAM_BYTES)
 
 
 def _session_kv_sample(session):
@@ -347,7 +338,7 @@ def _session_kv_sample(session):
     under KV_SAMPLE_MIN_BYTES. The previous step read the others long enough ago (a layer's MLP weights,
     30 MB and more, streamed after each), and the weights' pass follows this one."""
     regions = [array[: array.shape[0] - 1] for array in session.cache.arrays]  # whole layers: C-contiguous (views: no copy)
-    return _once_per_session(_KV_SAMPLES, session, regions, SAME_RUN_STREAM_BYTES, KV_SAMPLE_MIN_BYTES, SAMPLE_CHUNK_BYTES)
+    return _once_per_session(_KV_SAMPLES, session, regions, SAME_RUN_STREAM_BYTES, KV_SAMPLE_MIN_BYTES)
 
 
 def read_kv_pass_gb_s(threads: int, session) -> float:
@@ -375,7 +366,7 @@ def read_pass_gb_s(threads: int, session=None) -> float:
     before the work, not a best-of), so a prediction made with this roof is like for like.
 
     Given a decode session, the pass reads a sample of the weights its next step streams
-    (Session.streamed_weights): SAME_RUN_STREAM_BYTES in chunks of WEIGHT_SAMPLE_CHUNK_BYTES spread over them, where they were placed
+    (Session.streamed_weights): SAME_RUN_STREAM_BYTES in chunks spread over them, where they were placed
     in memory. On this KVM host the rate of memory depends on where it landed: a pass over a 64 MiB
     buffer of its own once read 7.2-7.5 GB/s on one thread for a whole Phi-3 Medium sweep (10.8-11.4 in
     the others) while the GEMVs ran as usual, and in another sweep Phi-3 Small's GEMVs ran 9-18% slower

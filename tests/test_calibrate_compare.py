@@ -428,7 +428,7 @@ def test_a_sessions_streaming_pass_reads_its_own_memory_but_not_the_end_of_the_l
     assert measure._session_sample(session) is None  # 0.4 MB: the caches would hold it; the pass reads its buffer
     assert measure.read_pass_gb_s(1, session) > 0
     monkeypatch.setattr(measure, "SAME_RUN_STREAM_BYTES", 2**16)
-    monkeypatch.setattr(measure, "WEIGHT_SAMPLE_CHUNK_BYTES", 2**12)
+    monkeypatch.setattr(measure, "SAMPLE_CHUNK_BYTES", 2**12)
     monkeypatch.setattr(measure, "SAMPLE_SKIPS_LAST_BYTES", 2**15)
     assert measure._session_sample(session) is None  # made once per session: its weights do not move
     session = session.engine.session(64)
