@@ -1053,16 +1053,14 @@ def measure_host(progress=None) -> dict:
         set_threads(threads)
         return _state_normalized(lambda: _compute_roof_gflops(bench, None), threads, reference_gflops[threads], bench.kernel)
 
-    per_kv_head_us = {}  # (kernel, threads): attention's fixed cost a K/V head, for the kernels fitted on decode
+    gqa_group = DECODE_SHAPED_GQA_MODEL.n_heads // DECODE_SHAPED_GQA_MODEL.n_kv_heads  # .gqa's decode points come from it
 
     def refit(bench, threads, gflops):  # after this thread count's decode points are in serial_decode_calls
         points = fitted_points(bench, threads, serial_decode_calls[threads])
+        per_kv_head_us = 0.0  # attention fitted on decode: its fixed cost a K/V head, measured here (once: only GEMVs are refitted again)
         if points and bench.kernel.startswith("attention."):
-            if (bench.kernel, threads) not in per_kv_head_us:
-                fmt = bench.kernel.split(".")[1]
-                per_kv_head_us[bench.kernel, threads] = _attention_kv_head_us(fmt, 4 if bench.kernel.endswith(".gqa") else 1, threads)
-        return _kernel_roof(bench, stream_read, producer, threads, points, gflops, reference_gflops[threads],
-                            per_kv_head_us.get((bench.kernel, threads), 0.0))
+            per_kv_head_us = _attention_kv_head_us(bench.kernel.split(".")[1], gqa_group if bench.kernel.endswith(".gqa") else 1, threads)
+        return _kernel_roof(bench, stream_read, producer, threads, points, gflops, reference_gflops[threads], per_kv_head_us)
 
     for threads in thread_counts:
         report(done, total, f"read bandwidth, {threads} threads")

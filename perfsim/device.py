@@ -119,21 +119,21 @@ class KernelRoof:
 # taken at other moments in whatever state the host was then, had Phi-3 Small's attention -10% to -26% on one
 # thread; not scaling it, a slow state took Small's and Medium's attention to -14% to -31%.) The serial kernels,
 # on one thread whatever the count, do not follow it (elasticity 0).
-PROBE_ELASTICITY_BY_PREFIX = {"gemv.": 1.0, "attention.": 0.5}
 # Grouped-query attention (kernels "attention.*.gqa") follows it less. Over the twentieth session's eight rounds
 # of sweeps, Phi-3 Small's and Medium's attention on one thread erred by the probe's ratio to the power -0.27
 # and -0.30 (correlations -0.73 and -0.79; ratios 0.68-1.49): an elasticity of about 0.2, not 0.5. Timed
 # beside the probe (Small's shape, contexts 1024 and 4096, ~6,000 readings each), it came out 0.30 and 0.19
 # on one thread, 0.03 and 0.16 on two; Mini's multi-head shape 0.52 and 0.38, 0.75 and 0.17. Re-predicted at
 # 0.2, those rounds' 192 points held every bound at 126 against 120 (with attention's cost per K/V head).
-GQA_ATTENTION_ELASTICITY = 0.2
+# (kernel name pattern, elasticity): the first pattern a kernel matches (fnmatch) gives its elasticity; none, 0.
+PROBE_ELASTICITY_BY_KERNEL = (("gemv.*", 1.0), ("attention.*.gqa", 0.2), ("attention.*", 0.5))
 
 
 def probe_elasticity(kernel: str) -> float:
     """The exponent `kernel`'s compute roof follows the compute probe's ratio by (0: it does not)."""
-    if kernel.startswith("attention.") and kernel.endswith(".gqa"):
-        return GQA_ATTENTION_ELASTICITY
-    return next((e for prefix, e in PROBE_ELASTICITY_BY_PREFIX.items() if kernel.startswith(prefix)), 0.0)
+    from fnmatch import fnmatchcase
+
+    return next((e for pattern, e in PROBE_ELASTICITY_BY_KERNEL if fnmatchcase(kernel, pattern)), 0.0)
 
 
 def compute_state_factor(kernel: str, probe_ratio: float) -> float:

@@ -985,14 +985,10 @@ def _check(host: Host, suite_names, patterns, baseline: dict, tell, other_machin
                 row.add_note(
                     f"busy: only {row.sample.detail.get('clean_rounds', 0)} clean rounds of {row.sample.total_rounds}")
             if row.sample.slow_cpu:
-                row.add_note(f"slow CPU: {row.sample.detail.get('in_state_rounds', 0)} clean rounds of {row.sample.total_rounds} in the "
-                             f"baseline's CPU-speed state ({_cpu_speed_text(row.sample)}); the median of all clean rounds"
-                             + ("; the failure may be the machine's: run the gate again" if row.verdict == "FAIL" else ""))
+                row.add_note(_state_note(row, "slow CPU", "in_state_rounds", "CPU-speed state", _cpu_speed_text, "all clean rounds"))
             if row.sample.other_memory_state:
-                row.add_note(f"other memory state: {row.sample.detail.get('in_memory_state_rounds', 0)} clean rounds of "
-                             f"{row.sample.total_rounds} in the baseline's memory state ({_memory_state_text(row.sample)}); the median "
-                             "of the clean rounds in its CPU-speed state"
-                             + ("; the failure may be the machine's: run the gate again" if row.verdict == "FAIL" else ""))
+                row.add_note(_state_note(row, "other memory state", "in_memory_state_rounds", "memory state", _memory_state_text,
+                                         "the clean rounds in its CPU-speed state"))
             if row.sample.detail.get("warning"):
                 row.add_note(row.sample.detail["warning"])
             rows.append(row)
@@ -1016,6 +1012,13 @@ def _free_retry_kinds() -> tuple:
              "with a slow CPU"),
             ("other_memory_state", MEMORY_STATE_PAUSE_S,
              lambda s: f"measured with the memory in another state than at baseline ({_memory_state_text(s)})", "in another memory state"))
+
+
+def _state_note(row: Row, flag: str, count_key: str, state: str, state_text, median_of: str) -> str:
+    """A row's note on a sample flagged for too few clean rounds in one of the baseline's states."""
+    sample = row.sample
+    return (f"{flag}: {sample.detail.get(count_key, 0)} clean rounds of {sample.total_rounds} in the baseline's {state} "
+            f"({state_text(sample)}); the median of {median_of}" + ("; the failure may be the machine's: run the gate again" if row.verdict == "FAIL" else ""))
 
 
 def _state_text(sample: Sample, probe: str, key: str, baseline_key: str, unit: str) -> str:
