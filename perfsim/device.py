@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -131,8 +132,6 @@ PROBE_ELASTICITY_BY_KERNEL = (("gemv.*", 1.0), ("attention.*.gqa", 0.2), ("atten
 
 def probe_elasticity(kernel: str) -> float:
     """The exponent `kernel`'s compute roof follows the compute probe's ratio by (0: it does not)."""
-    from fnmatch import fnmatchcase
-
     return next((e for pattern, e in PROBE_ELASTICITY_BY_KERNEL if fnmatchcase(kernel, pattern)), 0.0)
 
 
