@@ -1015,8 +1015,9 @@ def _own_cpu_s() -> float:
     return time.process_time() + times.children_user + times.children_system
 
 
-def measure_host(progress=None) -> dict:
-    """All the microbenchmarks; returns the host profile as YAML-ready data."""
+def measure_host(progress=None, decode_points: dict | None = None) -> dict:
+    """All the microbenchmarks; returns the host profile as YAML-ready data. `decode_points`, if given, gets
+    {threads: {kernel: [DecodeShapedPoint, ...]}}: the calls in decode the fixed costs and overlaps are fitted on."""
     from perfsim.kernels.jit import set_threads
     from perfsim.kernels.stream import best_read_gb_s, stream_buffer, sum_int64
     from perfsim.measure import available_threads, busy_cpu_s, stolen_cpu_s
@@ -1078,6 +1079,8 @@ def measure_host(progress=None) -> dict:
         cold_call_us[threads] = _sig(statistics.median(probes))
         reference_gflops[threads] = _sig(statistics.median(compute_probes))
         serial_decode_calls[threads] = decode_calls
+        if decode_points is not None:
+            decode_points[threads] = decode_calls
         done += 1
         for bench in parallel:
             report(done, total, f"{bench.kernel}, {threads} threads")
@@ -1167,15 +1170,8 @@ def measure_host(progress=None) -> dict:
 def write_profile(data: dict, path: Path) -> Device:
     """Validate, then write to a temporary file and rename: no half-written profile is ever read."""
     device = device_from_data(data, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"# Host profile written by perfsim calibrate {__version__}; re-run it to refresh.\n")
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomically(path, f"# Host profile written by perfsim calibrate {__version__}; re-run it to refresh.\n"
+                            + yaml.safe_dump(data, sort_keys=False))
     return device
 
 
@@ -1272,14 +1268,74 @@ def calibration_warnings(device: Device) -> list[str]:
     return [w for w in (busy_host_warning(device), slow_memory_warning(device), slow_compute_warning(device)) if w]
 
 
+def decode_points_path(profile_path: Path) -> Path:
+    """Where the decode points a profile's fixed costs and overlaps were fitted on are kept: beside it
+    (host.yaml -> host.decode-points.json)."""
+    return profile_path.with_name(f"{profile_path.stem}.decode-points.json")
+
+
+def _decode_points_record(decode_points: dict, measured_at: str) -> dict:
+    """JSON-ready {threads: {kernel: [points]}} of measure_host, with the calibration they belong to."""
+    models = [DECODE_SHAPED_MODEL, DECODE_SHAPED_GQA_MODEL, DECODE_SHAPED_WIDE_MODEL]
+    return {"calibration_version": CALIBRATION_VERSION, "measured_at": measured_at,
+            "models": [dataclasses.asdict(model) for model in models],  # a point's `model` indexes this list
+            "points": [dict(threads=threads, kernel=kernel, **dataclasses.asdict(point))
+                       for threads, by_kernel in decode_points.items() for kernel, points in by_kernel.items() for point in points]}
+
+
+def load_decode_points(profile_path: Path, device: Device) -> dict:
+    """{threads: {kernel: [DecodeShapedPoint, ...]}} kept beside the profile at `profile_path` by the calibration
+    that wrote `device` (a UserError if they are missing, unreadable or another calibration's): what its fixed
+    costs and overlaps were fitted on, to audit or refit them."""
+    import json
+
+    from perfsim.cost import Cost
+
+    path = decode_points_path(profile_path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["measured_at"] != device.calibration.get("measured_at"):
+            raise UserError(f"{path} is of the calibration of {record['measured_at']}, not of this profile's "
+                            f"({device.calibration.get('measured_at')}); run 'perfsim calibrate' again")
+        points = {}
+        for row in record["points"]:
+            fields = {k: v for k, v in row.items() if k not in ("threads", "kernel")}
+            points.setdefault(int(row["threads"]), {}).setdefault(row["kernel"], []).append(
+                DecodeShapedPoint(**{**fields, "cost": Cost(**fields["cost"])}))
+        return points
+    except OSError as e:
+        raise UserError(f"cannot read the decode points at {path} ({e.strerror}); run 'perfsim calibrate' to measure them") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"the decode points at {path} are corrupt ({type(e).__name__}: {e}); run 'perfsim calibrate' again") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """`text` to a temporary file beside `path`, then renamed to it: no reader ever sees it half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def calibrate_host(progress=None, path: Path | None = None) -> Device:
     """Measures the host and writes its profile at `path` (the cache's by default); the streaming reads of the
-    profile it replaces, if that was this machine's, are kept beside the new ones (previous_reads)."""
+    profile it replaces, if that was this machine's, are kept beside the new ones (previous_reads). The decode
+    points its fixed costs and overlaps were fitted on are written beside it (decode_points_path), after it:
+    an interruption between the two leaves the older points, which load_decode_points then refuses."""
+    import json
+
     path = path or host_profile_path()
     previous = previous_reads(path)
-    data = measure_host(progress)
+    decode_points = {}
+    data = measure_host(progress, decode_points)
     data["calibration"].update(previous)
-    return write_profile(data, path)
+    device = write_profile(data, path)
+    if decode_points:
+        _write_atomically(decode_points_path(path), json.dumps(_decode_points_record(decode_points, data["calibration"]["measured_at"])))
+    return device
 
 
 def stale_reason(device: Device) -> str | None:

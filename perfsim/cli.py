@@ -277,13 +277,14 @@ def cmd_sweep(args) -> int:
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from perfsim.calibrate import calibrate_host, calibration_warnings, host_profile_path
+    from perfsim.calibrate import calibrate_host, calibration_warnings, decode_points_path, host_profile_path
 
     path = Path(args.output) if args.output else host_profile_path()
     device = calibrate_host(progress_bar, path)
     unit = device.unit()
     bandwidths = ", ".join(f"{t} threads {bw:.1f} GB/s" for t, bw in unit.bandwidth_gb_s_by_threads.items())
-    print(f"host profile written to {path} ({device.calibration['seconds']:.0f} s): read bandwidth {bandwidths}")
+    print(f"host profile written to {path} ({device.calibration['seconds']:.0f} s): read bandwidth {bandwidths}; "
+          f"the decode points its fixed costs were fitted on in {decode_points_path(path).name} beside it")
     for warning in calibration_warnings(device):
         print(warning, file=sys.stderr)
     return 0

@@ -54,12 +54,63 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_write_then_rename_leaves_no_partial_profile(cache, monkeypatch):
-    def interrupted(progress=None):
+    def interrupted(progress=None, decode_points=None):
         raise KeyboardInterrupt
     monkeypatch.setattr(calibrate, "measure_host", interrupted)
     with pytest.raises(KeyboardInterrupt):
         calibrate.calibrate_host()
     assert list(cache.iterdir()) == []
+
+
+def _some_decode_points() -> dict:
+    """{threads: {kernel: [DecodeShapedPoint]}} as measure_host hands them over, every field set."""
+    from perfsim.cost import Cost
+
+    def point(seconds, context_kv_bytes, model, op):
+        return calibrate.DecodeShapedPoint(seconds, Cost(2.5e6, 1_200_000, context_kv_bytes // 2, 40_960), context_kv_bytes, 18.5, 21.25,
+                                           model, op, 45_000_000, 24.0, 150.5, 20 if op == "attention" else 0)
+    return {t: {"attention.f16": [point(1e-4 * t, 1_310_720, 0, "attention"), point(2.9e-3 / t, 40_960_000, 0, "attention")],
+                "rmsnorm": [point(9e-6, 1_310_720, 2, "attn_norm"), point(7e-6, 1_310_720, 2, "ffn_norm")]} for t in (1, 2)}
+
+
+def test_calibration_keeps_the_decode_points_its_fits_were_made_on_beside_the_profile(cache, monkeypatch):
+    measured = _some_decode_points()
+
+    def measure_host(progress=None, decode_points=None):
+        decode_points.update(measured)
+        return fake_profile()
+    monkeypatch.setattr(calibrate, "measure_host", measure_host)
+    device = calibrate.calibrate_host()
+    path = calibrate.decode_points_path(calibrate.host_profile_path())
+    assert path == cache / "host.decode-points.json"
+    assert calibrate.load_decode_points(calibrate.host_profile_path(), device) == measured  # every field, every point
+    record = json.loads(path.read_text())
+    assert record["calibration_version"] == calibrate.CALIBRATION_VERSION
+    assert [model["name"] for model in record["models"]] == [calibrate.DECODE_SHAPED_MODEL.name, calibrate.DECODE_SHAPED_GQA_MODEL.name,
+                                                              calibrate.DECODE_SHAPED_WIDE_MODEL.name]
+    assert sorted(os.listdir(cache)) == ["host.decode-points.json", "host.yaml"]  # no temporary file left
+
+
+@pytest.mark.parametrize("problem, message", [("missing", "cannot read the decode points"), ("corrupt", "are corrupt"),
+                                              ("a field lost", "are corrupt"), ("another calibration", "not of this profile's")])
+def test_decode_points_missing_corrupt_or_of_another_calibration_are_refused(cache, monkeypatch, problem, message):
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: decode_points.update(_some_decode_points()) or fake_profile())
+    device = calibrate.calibrate_host()
+    path = calibrate.decode_points_path(calibrate.host_profile_path())
+    record = json.loads(path.read_text())
+    if problem == "missing":
+        path.unlink()
+    elif problem == "corrupt":
+        path.write_text(path.read_text()[:100])
+    elif problem == "a field lost":
+        del record["points"][0]["seconds"]
+        path.write_text(json.dumps(record))
+    else:  # a calibration interrupted after its profile was written, before its points: the points are the older one's
+        record["measured_at"] = "2025-12-31T23:00:00+00:00"
+        path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match=message) as error:
+        calibrate.load_decode_points(calibrate.host_profile_path(), device)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
 def test_an_invalid_measurement_is_never_written(cache):
@@ -81,7 +132,7 @@ def test_missing_corrupt_or_stale_profiles_are_remeasured_with_a_message(cache, 
         path.write_text(yaml.safe_dump(fake_profile(cpu_id="AuthenticAMD family 25 model 1")))
     elif problem == "stale cores":
         path.write_text(yaml.safe_dump(fake_profile(cores=64)))
-    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=12.5))
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: fake_profile(bandwidth_gb_s=12.5))
     messages = []
     device = calibrate.load_host_profile(message=messages.append)
     assert device.peak_bandwidth_gb_s == 12.5
@@ -104,7 +155,7 @@ def test_cpu_id_tells_apart_what_the_model_name_does_not(tmp_path):
 
 def test_a_current_profile_is_used_as_it_is(cache, monkeypatch):
     calibrate.host_profile_path().write_text(yaml.safe_dump(fake_profile(bandwidth_gb_s=33.0)))
-    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: pytest.fail("must not re-measure"))
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: pytest.fail("must not re-measure"))
     assert calibrate.load_host_profile().peak_bandwidth_gb_s == 33.0
 
 
@@ -125,7 +176,7 @@ def test_a_calibration_whose_cpu_ran_slow_at_some_thread_count_says_so_each_time
         assert calibrate.slow_compute_warning(device_from_data(profile(probes), "ok.yaml")) is None  # 0.63, 1.09, 1.0, 0.5, no one-thread probe
     assert calibrate.slow_compute_warning(device_from_data(profile({1: 162.0, 2: 200.0, 4: 250.0}), "4.yaml")).count("on 4 threads") == 1
 
-    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile({1: 162.0, 2: 134.0}))
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: profile({1: 162.0, 2: 134.0}))
     assert main(["calibrate"]) == 0
     assert warning in capsys.readouterr().err
     messages = []
@@ -139,7 +190,7 @@ def test_a_calibration_in_a_slower_memory_state_than_the_one_before_says_so_each
     path, threads = calibrate.host_profile_path(), range(1, calibrate.host_fingerprint()["cores"] + 1)
     path.write_text(yaml.safe_dump(fake_profile(bandwidth_gb_s=11.6)))
     # the read this host's slow memory state gave (7.3 GB/s on one thread against 11.6 before)
-    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=7.3))
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: fake_profile(bandwidth_gb_s=7.3))
     assert main(["calibrate"]) == 0
     device = load_device_file(path)
     assert device.calibration["previous_bandwidth_gb_s_by_threads"] == {t: 11.6 for t in threads}
@@ -153,7 +204,7 @@ def test_a_calibration_in_a_slower_memory_state_than_the_one_before_says_so_each
 
     # faster than the one before, or within SLOW_MEMORY_FRACTION of it: no warning; it keeps the slow one's reads
     for bandwidth_gb_s in (11.0, 0.81 * 11.0):
-        monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=bandwidth_gb_s))
+        monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: fake_profile(bandwidth_gb_s=bandwidth_gb_s))
         previous = load_device_file(path).unit().bandwidth_gb_s_by_threads
         device = calibrate.calibrate_host()
         assert device.calibration["previous_bandwidth_gb_s_by_threads"] == previous and calibrate.slow_memory_warning(device) is None
@@ -161,7 +212,7 @@ def test_a_calibration_in_a_slower_memory_state_than_the_one_before_says_so_each
     for old in (yaml.safe_dump(fake_profile(bandwidth_gb_s=30.0, cpu_model="Some Other CPU")),
                 yaml.safe_dump(fake_profile(bandwidth_gb_s=30.0, cpu_id="AuthenticAMD family 25 model 1")), "name: host\nmemory: [\n"):
         path.write_text(old)
-        monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: fake_profile(bandwidth_gb_s=7.3))
+        monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: fake_profile(bandwidth_gb_s=7.3))
         device = calibrate.calibrate_host()
         assert "previous_bandwidth_gb_s_by_threads" not in device.calibration and calibrate.slow_memory_warning(device) is None
 
@@ -248,7 +299,7 @@ def test_a_calibration_on_a_busy_host_says_so(cache, monkeypatch, capsys):
     warning = calibrate.busy_host_warning(busy)
     assert "45%" in warning and f"{busy.calibration['cores']} cores" in warning and "perfsim calibrate" in warning
 
-    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile(0.45))
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: profile(0.45))
     assert main(["calibrate"]) == 0
     assert capsys.readouterr().err.strip().splitlines()[-1] == warning
     messages = []
@@ -257,7 +308,7 @@ def test_a_calibration_on_a_busy_host_says_so(cache, monkeypatch, capsys):
     calibrate.host_profile_path().unlink()
     calibrate.load_host_profile(message=messages.append)  # made on demand
     assert len(messages) == 3 and "no host profile" in messages[1] and messages[2] == warning
-    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None: profile(0.05))
+    monkeypatch.setattr(calibrate, "measure_host", lambda progress=None, decode_points=None: profile(0.05))
     assert main(["calibrate"]) == 0 and "warning" not in capsys.readouterr().err
     calibrate.load_host_profile(message=messages.append)
     assert len(messages) == 3
@@ -722,6 +773,16 @@ def test_real_calibration_writes_a_valid_profile(tmp_path):
     assert set(factors[0]) == {64, 80, 96} and all(f == factors[0] for f in factors)
     assert device.calibration["cpu_model"] == calibrate.cpu_model() and device.calibration["seconds"] > 0
     assert 0 <= device.calibration["other_load_fraction"] <= 1
+    # the decode points the serial kernels' fixed costs were fitted on are kept beside it: refitted from them, at the
+    # profile's compute roofs and cold-call probes, they give the profile's roofs (to its four digits)
+    assert "decode points" in result.stdout and calibrate.decode_points_path(path).exists()
+    points = calibrate.load_decode_points(path, device)
+    assert set(points) == set(unit.bandwidth_gb_s_by_threads)
+    for kernel in ("rmsnorm", "rope", "kv_append.f16", "silu_mul", "residual_add"):
+        for threads, roof in unit.kernel_roofs[kernel].items():
+            refit = calibrate._roof_from_decode(roof.gflops, points[threads][kernel], False, unit.cold_call_us_by_threads[threads])
+            for field in ("overhead_us", "overhead_us_per_kv_mb", "overhead_us_per_operand_mb", "overhead_us_per_layer_mb"):
+                assert refit[field] == pytest.approx(getattr(roof, field), rel=0.01, abs=1e-3), (kernel, threads, field)
 
 
 def test_serial_kernels_in_cache_runs_follow_a_producer_that_writes_their_input():
