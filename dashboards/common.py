@@ -13,6 +13,7 @@ import streamlit as st
 from perfsim import viz
 from perfsim.device import Device, builtin_devices
 from perfsim.errors import UserError
+from perfsim.files import write_bytes_atomically
 from perfsim.model import ModelSpec, get_model, preset_models
 from perfsim.quant import Formats
 
@@ -228,7 +229,7 @@ def measure_host_panel(model: ModelSpec, formats: Formats, context: int) -> None
         text = json.dumps(record, indent=2).encode()
         path = viz.default_host_profile_path()
         try:
-            viz.write_bytes_atomically(path, text)
+            write_bytes_atomically(path, text)
         except OSError as e:
             st.warning(f"Measured, but not saved at {path}: {e}")
         st.session_state[HOST_WHERE], st.session_state[HOST_TEXT] = str(path), text

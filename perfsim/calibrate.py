@@ -36,6 +36,7 @@ import yaml
 from perfsim import __version__
 from perfsim.device import Device, compute_state_factor, device_from_data, load_device_file
 from perfsim.errors import UserError
+from perfsim.files import write_text_atomically
 from perfsim.model import ModelSpec
 from perfsim.roofline import roof_s
 from perfsim.workload import attention_kernel
@@ -1170,7 +1171,7 @@ def measure_host(progress=None, decode_points: dict | None = None) -> dict:
 def write_profile(data: dict, path: Path) -> Device:
     """Validate, then write to a temporary file and rename: no half-written profile is ever read."""
     device = device_from_data(data, str(path))
-    _write_atomically(path, f"# Host profile written by perfsim calibrate {__version__}; re-run it to refresh.\n"
+    write_text_atomically(path, f"# Host profile written by perfsim calibrate {__version__}; re-run it to refresh.\n"
                             + yaml.safe_dump(data, sort_keys=False))
     return device
 
@@ -1309,17 +1310,6 @@ def load_decode_points(profile_path: Path, device: Device) -> dict:
         raise UserError(f"the decode points at {path} are corrupt ({type(e).__name__}: {e}); run 'perfsim calibrate' again") from None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """`text` to a temporary file beside `path`, then renamed to it: no reader ever sees it half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def calibrate_host(progress=None, path: Path | None = None) -> Device:
     """Measures the host and writes its profile at `path` (the cache's by default); the streaming reads of the
     profile it replaces, if that was this machine's, are kept beside the new ones (previous_reads). The decode
@@ -1334,7 +1324,7 @@ def calibrate_host(progress=None, path: Path | None = None) -> Device:
     data["calibration"].update(previous)
     device = write_profile(data, path)
     if decode_points:
-        _write_atomically(decode_points_path(path), json.dumps(_decode_points_record(decode_points, data["calibration"]["measured_at"])))
+        write_text_atomically(decode_points_path(path), json.dumps(_decode_points_record(decode_points, data["calibration"]["measured_at"])))
     return device
 
 

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Callable
 
 from perfsim.errors import UserError
+from perfsim.files import write_text_atomically
 from perfsim.kernels.jit import max_threads, set_threads, threads_in_use
 
 BASELINE_FORMAT = "perfsim-gate-baseline"
@@ -1105,21 +1106,11 @@ def _update(host: Host, suite_names, patterns, path: Path, machine: dict, runs: 
         "policy": {"runs": runs, **settings()},
         "metrics": dict(sorted((kept | entries).items())),
     }
-    _write_atomic(path, json.dumps(baseline, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(baseline, indent=2) + "\n")
     if kept:
         notes.append(f"kept {len(kept)} metrics of other suites from the previous baseline")
     notes.append(f"baseline written to {path}: {len(entries)} metric(s) from {runs} run(s)")
     return rows, notes
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # =============================================================================================================

@@ -11,7 +11,6 @@ import html
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from plotly.subplots import make_subplots
 import perfsim
 from perfsim.device import Device, builtin_devices, device_from_data
 from perfsim.errors import UserError
+from perfsim.files import write_bytes_atomically
 from perfsim.model import ModelSpec, get_model
 from perfsim.quant import Formats
 from perfsim.roofline import Prediction, predict, resolve_threads, unit_roofs
@@ -558,17 +558,3 @@ def write_html_report(path, model_name: str = "phi-3-mini", weights: str = "q4_0
         raise UserError(f"{path}: directory {path.parent} does not exist")
     write_bytes_atomically(path, page.encode("utf-8"))
     return path
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader sees the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a report from the other users of a shared machine
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
