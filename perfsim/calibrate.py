@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import statistics
 import time
@@ -34,6 +35,7 @@ import numpy as np
 import yaml
 
 from perfsim import __version__
+from perfsim.cost import Cost
 from perfsim.device import Device, compute_state_factor, device_from_data, load_device_file
 from perfsim.errors import UserError
 from perfsim.files import write_text_atomically
@@ -392,7 +394,6 @@ HEAD_DIM_PROCESSES = 3
 def _attention_head_dim_factors_of_processes(threads: int) -> dict:
     """_attention_head_dim_factors(threads), measured in HEAD_DIM_PROCESSES processes of their own, one after
     another: each factor the mean of theirs. A process that fails is replaced by a measurement in this one."""
-    import json
     import subprocess
     import sys
 
@@ -1288,10 +1289,6 @@ def load_decode_points(profile_path: Path, device: Device) -> dict:
     """{threads: {kernel: [DecodeShapedPoint, ...]}} kept beside the profile at `profile_path` by the calibration
     that wrote `device` (a UserError if they are missing, unreadable or another calibration's): what its fixed
     costs and overlaps were fitted on, to audit or refit them."""
-    import json
-
-    from perfsim.cost import Cost
-
     path = decode_points_path(profile_path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -1315,8 +1312,6 @@ def calibrate_host(progress=None, path: Path | None = None) -> Device:
     profile it replaces, if that was this machine's, are kept beside the new ones (previous_reads). The decode
     points its fixed costs and overlaps were fitted on are written beside it (decode_points_path), after it:
     an interruption between the two leaves the older points, which load_decode_points then refuses."""
-    import json
-
     path = path or host_profile_path()
     previous = previous_reads(path)
     decode_points = {}
