@@ -105,6 +105,11 @@ DECODE_SHAPED_GQA_SESSIONS = (("f16", "q4_0"),)  # its .gqa attention kernel, it
 # 36 steps a context, the only calls the .gqa kernel's compute roof is fitted on, spread over the ~10 s
 # the first model's 4 sessions take.
 DECODE_SHAPED_GQA_STEPS_PER_ROUND = 3
+# (model, its sessions, its steps a round) in the order _decode_shaped_calls is given them: a DecodeShapedPoint's
+# `model` is an index into this
+DECODE_SHAPED_RUNS = ((DECODE_SHAPED_MODEL, DECODE_SHAPED_SESSIONS, 1),
+                      (DECODE_SHAPED_GQA_MODEL, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND),
+                      (DECODE_SHAPED_WIDE_MODEL, DECODE_SHAPED_WIDE_SESSIONS, 1))
 # op name in the engine -> the kernel whose fixed cost it calibrates ({name}: the workload's kernel for that op)
 DECODE_SHAPED_OPS = {"token_embd": "embedding.{embedding}", "attn_norm": "rmsnorm", "rope": "rope", "kv_append": "kv_append.{kv}",
                      "attn_residual": "residual_add", "ffn_norm": "rmsnorm", "ffn_act": "silu_mul", "ffn_residual": "residual_add",
@@ -1031,9 +1036,7 @@ def measure_host(progress=None, decode_points: dict | None = None) -> dict:
     parallel = [_gemv_bench(f) for f in ("q4_0", "q8_0", "f16", "f32")]
     parallel += [_attention_bench(f, group) for f in ("f16", "q8_0", "f32") for group in (1, 4)]
     serial = _serial_benches()
-    decode_shaped = _decode_shaped_weights(DECODE_SHAPED_MODEL)
-    decode_shaped_gqa = _decode_shaped_weights(DECODE_SHAPED_GQA_MODEL, DECODE_SHAPED_GQA_SESSIONS)
-    decode_shaped_wide = _decode_shaped_weights(DECODE_SHAPED_WIDE_MODEL, DECODE_SHAPED_WIDE_SESSIONS)
+    decode_shaped_runs = [(_decode_shaped_weights(model, sessions), sessions, steps) for model, sessions, steps in DECODE_SHAPED_RUNS]
     total = len(thread_counts) * (2 + len(parallel) + len(serial))
     done = 0
     data = stream_buffer(256 * 2**20)
@@ -1042,7 +1045,7 @@ def measure_host(progress=None, decode_points: dict | None = None) -> dict:
     producer = Producer()
     bandwidth_gb_s, cold_call_us, kernel_roofs = {}, {}, {b.kernel: {} for b in parallel + serial}
     serial_gflops, serial_decode_calls = {}, {}  # per thread count: {serial kernel: in-cache roof}, {kernel: decode points}
-    wide_model = 2  # the wide-MLP model's index in the models _decode_shaped_calls is given below
+    wide_model = [model for model, _, _ in DECODE_SHAPED_RUNS].index(DECODE_SHAPED_WIDE_MODEL)
     # the decode points a parallel kernel's fixed cost and overlap are fitted on (None: its own DRAM sweeps)
     fitted_points = lambda bench, threads, calls: [p for p in calls.get(bench.kernel, ()) if p.model != wide_model] or None  # noqa: E731
     first_gflops = {}  # (kernel, threads): the in-cache roof its fit was made at
@@ -1075,9 +1078,7 @@ def measure_host(progress=None, decode_points: dict | None = None) -> dict:
         set_threads(threads)
         probes, compute_probes = [], []
         # the q4_0 GEMVs get points from the first two models, the serial ops from all three
-        decode_calls = _decode_shaped_calls([(decode_shaped, DECODE_SHAPED_SESSIONS, 1),
-                                             (decode_shaped_gqa, DECODE_SHAPED_GQA_SESSIONS, DECODE_SHAPED_GQA_STEPS_PER_ROUND),
-                                             (decode_shaped_wide, DECODE_SHAPED_WIDE_SESSIONS, 1)], threads, probes, compute_probes)
+        decode_calls = _decode_shaped_calls(decode_shaped_runs, threads, probes, compute_probes)
         cold_call_us[threads] = _sig(statistics.median(probes))
         reference_gflops[threads] = _sig(statistics.median(compute_probes))
         serial_decode_calls[threads] = decode_calls
@@ -1278,9 +1279,8 @@ def decode_points_path(profile_path: Path) -> Path:
 
 def _decode_points_record(decode_points: dict, measured_at: str) -> dict:
     """JSON-ready {threads: {kernel: [points]}} of measure_host, with the calibration they belong to."""
-    models = [DECODE_SHAPED_MODEL, DECODE_SHAPED_GQA_MODEL, DECODE_SHAPED_WIDE_MODEL]
     return {"calibration_version": CALIBRATION_VERSION, "measured_at": measured_at,
-            "models": [dataclasses.asdict(model) for model in models],  # a point's `model` indexes this list
+            "models": [dataclasses.asdict(model) for model, _, _ in DECODE_SHAPED_RUNS],  # a point's `model` indexes this list
             "points": [dict(threads=threads, kernel=kernel, **dataclasses.asdict(point))
                        for threads, by_kernel in decode_points.items() for kernel, points in by_kernel.items() for point in points]}
 
